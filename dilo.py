@@ -233,8 +233,8 @@ def slic(lab, n_segments, compactness=20.0, iterations=10):
     scale = np.float32(compactness / S)  # D^2 = |dLab|^2 + (m/S)^2 |dxy|^2
     pixels = np.concatenate([lab[ys.astype(int), xs.astype(int)], scale * ys[..., None], scale * xs[..., None]], -1)
     blocks = pixels.reshape(rows, sy, cols, sx, 5).transpose(0, 2, 1, 3, 4).reshape(rows * cols, sy * sx, 5)
-    first = (ys.astype(int) == np.arange(rows * sy)[:, None]) & (xs.astype(int) == np.arange(cols * sx))
-    weight = first.reshape(rows, sy, cols, sx).transpose(0, 2, 1, 3).reshape(-1)  # padding counts 0
+    inside = (np.arange(rows * sy) < H)[:, None] & (np.arange(cols * sx) < W)  # padding has weight 0
+    weight = inside.reshape(rows, sy, cols, sx).transpose(0, 2, 1, 3).reshape(-1)
     r, c = np.divmod(np.arange(rows * cols), cols)
     candidates = np.stack([np.clip(r + dy, 0, rows - 1) * cols + np.clip(c + dx, 0, cols - 1)
                            for dy in (-1, 0, 1) for dx in (-1, 0, 1)], 1)  # (cells, 9) cluster ids
@@ -269,11 +269,10 @@ def rbd_saliency(image, sigma_geo=7.0, sigma_spa=0.25, sigma_clr=10.0, mu=0.1, l
     H, W = lab.shape[:2]
     # NOTE: h*w/600 superpixels as the reference code, but at least 100 so small images get a graph
     labels = slic(lab, max(100, round(H * W / 600)), compactness=20.0)
-    N = labels.max() + 1
-    count = np.bincount(labels.ravel(), minlength=N)
-    colour = np.stack([np.bincount(labels.ravel(), lab[..., c].ravel(), N) for c in range(3)], 1) / count[:, None]  # (N, 3)
-    ys, xs = np.mgrid[0:H, 0:W]
-    position = np.stack([np.bincount(labels.ravel(), ys.ravel() / H, N), np.bincount(labels.ravel(), xs.ravel() / W, N)], 1) / count[:, None]
+    N, ys, xs = labels.max() + 1, *np.mgrid[0:H, 0:W]
+    features = np.concatenate([lab, ys[..., None] / H, xs[..., None] / W], -1).reshape(-1, 5)  # Lab, y, x in [0, 1)
+    means = np.stack([np.bincount(labels.ravel(), f, N) for f in features.T], 1) / np.bincount(labels.ravel())[:, None]
+    colour, position = means[:, :3], means[:, 3:]  # (N, 3), (N, 2)
     # Graph: superpixels are adjacent when two of their pixels are 4-neighbours.
     adjacent = np.zeros((N, N), dtype=bool)
     for a, b in ((labels[:, :-1], labels[:, 1:]), (labels[:-1], labels[1:])):
@@ -284,8 +283,7 @@ def rbd_saliency(image, sigma_geo=7.0, sigma_spa=0.25, sigma_clr=10.0, mu=0.1, l
     band = max(1, round(math.sqrt(H * W / N) / 3))
     border = np.ones((H, W), dtype=bool)
     border[band:H - band, band:W - band] = False
-    boundary = np.zeros(N, dtype=bool)
-    boundary[np.unique(labels[border])] = True
+    boundary = np.bincount(labels[border], minlength=N) > 0
     d_app = np.sqrt(((colour[:, None] - colour[None]) ** 2).sum(-1))  # (N, N) Lab distances
     clip = np.where(adjacent, d_app, np.inf).min(1).mean()  # mean distance to the nearest neighbour
     linked = adjacent | (boundary[:, None] & boundary[None])  # NOTE: reference code links the border
@@ -594,21 +592,7 @@ def load_backbone(path):
         raise SystemExit(f"error: --diagnose {path}: no torchvision ResNet weights in it")
     trunk = ResNetTrunk(arch)
     trunk.load_state_dict({k: v for k, v in state.items() if k in trunk.state_dict()})  # FPN/heads dropped
-    return trunk.eval()
-
-
-class Prepared(torch.utils.data.Dataset):
-    """A source's images, resized and centre-cropped to `size`, normalised: (3, size, size)."""
-
-    def __init__(self, source, size):
-        self.source, self.crop = source, T.Compose([T.Resize(size), T.CenterCrop(size)])
-        self.to_tensor = T.Compose([T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-
-    def __len__(self):
-        return len(self.source)
-
-    def __getitem__(self, index):
-        return self.to_tensor(self.crop(self.source[index][0]))
+    return trunk.eval().requires_grad_(False)  # gradients are wanted for the input only
 
 
 def embed(trunk, x):
@@ -625,25 +609,27 @@ def diagnose(args, queries=6, k=3, cell=128):
         query_source = ImageFolderSource(args.data)
         val = os.path.join(args.data, "val")
         held_out = ImageFolderSource(val) if os.path.isdir(val) else torch.utils.data.Subset(query_source, range(queries, len(query_source)))
-    gallery = torch.utils.data.DataLoader(Prepared(held_out, args.image_size), batch_size=64, num_workers=args.workers)
-    with torch.no_grad():
-        keys = torch.cat([embed(trunk, x.to(device)) for x in gallery])  # (G, C)
+    crop = T.Compose([T.Resize(args.image_size), T.CenterCrop(args.image_size)])
+    prepare = T.Compose([crop, T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    with torch.no_grad():  # the held-out embeddings, 64 images at a time
+        batches = [range(start, min(start + 64, len(held_out))) for start in range(0, len(held_out), 64)]
+        keys = torch.cat([embed(trunk, torch.stack([prepare(held_out[i][0]) for i in b]).to(device)) for b in batches])  # (G, C)
     columns = ["query", "input gradient"] + [f"neighbour {i + 1}" for i in range(k)]
     sheet = Image.new("RGB", (cell * len(columns), 16 + cell * queries), "white")
     draw = ImageDraw.Draw(sheet)
     for c, name in enumerate(columns):
         draw.text((c * cell + 4, 2), name, fill="black")
-    prepared_queries, prepared_held_out, found = Prepared(query_source, args.image_size), Prepared(held_out, args.image_size), []
+    found = []
     for row in range(queries):
-        x = prepared_queries[row][None].to(device).requires_grad_(True)  # (1, 3, S, S)
+        x = prepare(query_source[row][0])[None].to(device).requires_grad_(True)  # (1, 3, S, S)
         similarity, neighbours = (keys @ embed(trunk, x)[0]).topk(k)
         # NOTE: the paper back-propagates a linear classifier trained with labels; without labels
         # we back-propagate what makes the neighbours neighbours: their summed similarity.
         similarity.sum().backward()
         gradient = x.grad[0].abs().amax(0)  # (S, S) per-pixel max over RGB
         gradient = (gradient / gradient.flatten().quantile(0.99).clamp_min(1e-12)).clamp(0, 1)
-        cells = [prepared_queries.crop(query_source[row][0]), Image.fromarray(np.uint8(255 * gradient.cpu().numpy()))]
-        cells += [prepared_held_out.crop(held_out[int(i)][0]) for i in neighbours]
+        cells = [crop(query_source[row][0]), Image.fromarray(np.uint8(255 * gradient.cpu().numpy()))]
+        cells += [crop(held_out[int(i)][0]) for i in neighbours]
         for c, picture in enumerate(cells):
             sheet.paste(picture.convert("RGB").resize((cell, cell)), (c * cell, 16 + row * cell))
         for c, value in enumerate(similarity.tolist()):
