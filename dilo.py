@@ -14,6 +14,8 @@ views of an image share the object but not always its background.
     torchrun --nnodes=2 --node_rank=0 --master_addr=HOST --master_port=29500 \\
         --nproc_per_node=8 dilo.py --data /imagenet --saliency /imagenet_saliency
     python dilo.py --paste-prob 0 --data /imagenet           # the MoCo v2 baseline
+    torchrun --nproc_per_node=8 dilo.py --make-saliency --data /imagenet --saliency-out /imagenet_saliency  # RBD masks, once
+    python dilo.py --diagnose runs/dilo/backbone.pth --data /imagenet  # neighbours + gradients PNG
 
 Recipe (defaults): MoCo v2, ResNet-50, tau 0.2, K 65536, m 0.999, lr 0.03 per 256,
 cosine, 200 epochs, MLP head 2048-2048-128; copy-paste p = 0.3 (Table 2b), gray
