@@ -86,6 +86,19 @@ def test_rbd_make_saliency_is_resumable_and_survives_bad_files(tmp_path):
     assert os.stat(os.path.join(out, "000000.png")).st_mtime_ns == stamp  # finished masks not recomputed
 
 
+def test_rbd_dataset_backgrounds_avoid_salient_regions():
+    """--background dataset: crops come from where the estimated (RBD) saliency is low."""
+    rgb = np.random.default_rng(0).integers(110, 140, (120, 160, 3)).astype(np.uint8)
+    rgb[30:90, 20:80] = (230, 20, 20)  # the only salient object
+    args = dilo.get_args(["--tiny", "--saliency", "rbd", "--background", "dataset"])
+    dataset = dilo.CopyPasteTwoViews([(Image.fromarray(rgb), {})], args)
+    red = rgb[..., 0] > 200
+    torch.manual_seed(0)
+    chosen = np.mean([(np.asarray(dataset.low_saliency_crop((60, 60)))[..., 0] > 200).mean() for _ in range(10)])
+    at_random = np.mean([red[y:y + 60, x:x + 60].mean() for y in range(0, 61, 5) for x in range(0, 101, 5)])
+    assert at_random > 0.2 and chosen < 0.25 * at_random
+
+
 @pytest.fixture(scope="module")
 def _rbd_tiny_run(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("rbd_tiny"))
