@@ -14,6 +14,8 @@ views of an image share the object but not always its background.
     torchrun --nnodes=2 --node_rank=0 --master_addr=HOST --master_port=29500 \\
         --nproc_per_node=8 dilo.py --data /imagenet --saliency /imagenet_saliency
     python dilo.py --paste-prob 0 --data /imagenet           # the MoCo v2 baseline
+    torchrun --nproc_per_node=8 dilo.py --make-saliency --data /imagenet --saliency-out /imagenet_saliency  # RBD masks, once
+    python dilo.py --diagnose runs/dilo/backbone.pth --data /imagenet  # neighbours + gradients PNG
 
 Recipe (defaults): MoCo v2, ResNet-50, tau 0.2, K 65536, m 0.999, lr 0.03 per 256,
 cosine, 200 epochs, MLP head 2048-2048-128; copy-paste p = 0.3 (Table 2b), gray
@@ -41,7 +43,7 @@ import torch.nn.functional as F
 import torchvision.transforms as T
 from PIL import Image, ImageDraw, ImageFilter
 
-from common import (IMAGENET_MEAN, IMAGENET_STD, ImageFolderSource, MomentumQueue, ResNetTrunk,
+from common import (IMAGENET_MEAN, IMAGENET_STD, ImageFolderSource, MomentumQueue, ResNetTrunk, ToyWorld,
                     ema_update, open_source, shuffled_key_forward, to_rgb)
 
 # ---------------------------------------------------------------------------------------
@@ -81,6 +83,9 @@ def get_args(argv=None):
     parser.add_argument("--background", default="gray", help="gray | dataset | folder:PATH")
     parser.add_argument("--blend", default="mix", choices=["none", "gaussian", "mix"], help="paste blending")
     parser.add_argument("--saliency", default="gt", help="gt (toy world masks) | DIR of mask PNGs | rbd")
+    parser.add_argument("--make-saliency", action="store_true", help="write RBD masks of every --data image into --saliency-out, then exit (resumable)")
+    parser.add_argument("--saliency-out", default="", help="DIR for --make-saliency: one mask PNG per image, same relative path")
+    parser.add_argument("--diagnose", default="", metavar="CKPT", help="backbone.pth or checkpoint.pth: write output-dir/diagnosis.png (nearest neighbours, input gradients), then exit")
     args = parser.parse_args(argv)
     if args.tiny:  # the tiny recipe replaces defaults only: explicit flags still win
         parser.set_defaults(**TINY)
@@ -125,7 +130,7 @@ def copy_paste(image, mask, background, soft):
 
 
 class CopyPasteTwoViews(torch.utils.data.Dataset):
-    """Item -> (view_q, view_k, pasted (2,), has_mask): two MoCo v2 views, each pasted with p."""
+    """Item -> (view_q, view_k, pasted (2,) bool, has_mask): two MoCo v2 views, each pasted with p."""
 
     def __init__(self, source, args):
         self.source, self.args = source, args
@@ -135,9 +140,8 @@ class CopyPasteTwoViews(torch.utils.data.Dataset):
             self.backgrounds = ImageFolderSource(args.background[len("folder:"):])
         elif args.background not in ("gray", "dataset"):
             raise SystemExit(f"error: --background {args.background}: expected gray, dataset or folder:PATH")
-        if args.saliency == "rbd":
-            raise SystemExit("error: --saliency rbd (the built-in RBD estimator) is not available yet; "
-                             "precompute masks and pass --saliency DIR")
+        if args.saliency == "rbd" and args.paste_prob > 0:  # estimated in the loader; large data: --make-saliency
+            self.source = RBDMasks(source)
         if args.saliency == "gt" and args.data != "synthetic" and args.paste_prob > 0:
             raise SystemExit("error: --saliency gt needs --data synthetic; pass --saliency DIR of mask PNGs")
 
@@ -146,7 +150,7 @@ class CopyPasteTwoViews(torch.utils.data.Dataset):
 
     def load_mask(self, target, size):
         """The image's saliency mask as PIL 'L' of `size`, or None if it has none."""
-        if self.args.saliency == "gt":
+        if self.args.saliency in ("gt", "rbd"):
             mask = target["mask"]
         else:
             path = os.path.join(self.args.saliency, os.path.splitext(target["path"])[0] + ".png")
@@ -199,6 +203,180 @@ class CopyPasteTwoViews(torch.utils.data.Dataset):
 
 
 # ---------------------------------------------------------------------------------------
+# Saliency: RBD (Zhu et al., CVPR 2014), "Saliency Optimization from Robust Background
+# Detection", after the authors' reference code. numpy only, one image at a time.
+# ---------------------------------------------------------------------------------------
+
+RBD_MAX_SIDE = 400  # NOTE: larger images are estimated at this size (ImageNet is ~400x350)
+
+
+def rgb_to_lab(rgb):
+    """(H, W, 3) uint8 sRGB -> (H, W, 3) float32 CIE Lab (D65), L in [0, 100]."""
+    linear = np.arange(256, dtype=np.float32) / 255
+    linear = np.where(linear > 0.04045, ((linear + 0.055) / 1.055) ** 2.4, linear / 12.92)[rgb]
+    to_xyz = np.array([[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722], [0.0193, 0.1192, 0.9505]])
+    xyz = linear @ (to_xyz / np.array([[0.95047], [1.0], [1.08883]])).T.astype(np.float32)
+    f = np.where(xyz > 0.008856, np.cbrt(xyz), 7.787 * xyz + 16 / 116)
+    return np.stack([116 * f[..., 1] - 16, 500 * (f[..., 0] - f[..., 1]), 200 * (f[..., 1] - f[..., 2])], axis=-1)
+
+
+def slic(lab, n_segments, compactness=20.0, iterations=10):
+    """SLIC superpixels (Achanta et al. 2012): (H, W, 3) Lab -> (H, W) labels 0..N-1.
+
+    Vectorised over a grid of equal cells: every pixel compares itself with the 9 clusters
+    seeded in its own cell and the 8 around it (the original searches 2S x 2S around each
+    centre: the same clusters while centres stay near their seeds), as one batched matmul.
+    NOTE: no connectivity enforcement; a stray fragment keeps its cluster's label.
+    """
+    H, W = lab.shape[:2]
+    S = math.sqrt(H * W / n_segments)  # grid step
+    rows, cols = max(1, round(H / S)), max(1, round(W / S))
+    sy, sx = -(-H // rows), -(-W // cols)  # cell size; the image is edge-padded to rows*sy x cols*sx
+    ys, xs = np.mgrid[0:rows * sy, 0:cols * sx].astype(np.float32)
+    ys, xs = np.minimum(ys, H - 1), np.minimum(xs, W - 1)
+    scale = np.float32(compactness / S)  # D^2 = |dLab|^2 + (m/S)^2 |dxy|^2
+    pixels = np.concatenate([lab[ys.astype(int), xs.astype(int)], scale * ys[..., None], scale * xs[..., None]], -1)
+    blocks = pixels.reshape(rows, sy, cols, sx, 5).transpose(0, 2, 1, 3, 4).reshape(rows * cols, sy * sx, 5)
+    inside = (np.arange(rows * sy) < H)[:, None] & (np.arange(cols * sx) < W)  # padding has weight 0
+    weight = inside.reshape(rows, sy, cols, sx).transpose(0, 2, 1, 3).reshape(-1)
+    r, c = np.divmod(np.arange(rows * cols), cols)
+    candidates = np.stack([np.clip(r + dy, 0, rows - 1) * cols + np.clip(c + dx, 0, cols - 1)
+                           for dy in (-1, 0, 1) for dx in (-1, 0, 1)], 1)  # (cells, 9) cluster ids
+    labels = np.repeat(np.arange(rows * cols), sy * sx)  # start from the grid: update, then assign
+    flat, centres = blocks.reshape(-1, 5), None
+    for _ in range(iterations):
+        counts = np.bincount(labels, weight, rows * cols)[:, None]
+        sums = np.stack([np.bincount(labels, weight * flat[:, j], rows * cols) for j in range(5)], 1)
+        means = (sums / np.maximum(counts, 1)).astype(np.float32)
+        centres = means if centres is None else np.where(counts > 0, means, centres)  # (cells, 5)
+        near = centres[candidates]  # (cells, 9, 5)
+        distance = (near ** 2).sum(-1)[:, None] - 2 * blocks @ near.transpose(0, 2, 1)  # (cells, sy*sx, 9); |p|^2 dropped
+        labels = np.take_along_axis(candidates, distance.argmin(-1), 1).ravel()
+    labels = labels.reshape(rows, cols, sy, sx).transpose(0, 2, 1, 3).reshape(rows * sy, cols * sx)[:H, :W]
+    return np.unique(labels, return_inverse=True)[1].reshape(H, W)
+
+
+def all_pairs_shortest_paths(weights):
+    """Floyd-Warshall on an (N, N) matrix of edge lengths (inf = no edge), vectorised over pairs."""
+    distance = weights.copy()
+    np.fill_diagonal(distance, 0)
+    for k in range(len(distance)):
+        np.minimum(distance, distance[:, k, None] + distance[None, k, :], out=distance)
+    return distance
+
+
+def rbd_saliency(image, sigma_geo=7.0, sigma_spa=0.25, sigma_clr=10.0, mu=0.1, lambda_bg=5.0):
+    """RBD saliency of a PIL image -> (H, W) float32 map in [0, 1] at the image's resolution."""
+    scale = min(1.0, RBD_MAX_SIDE / max(image.size))
+    small = image.convert("RGB").resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.BILINEAR)
+    lab = rgb_to_lab(np.asarray(small))
+    H, W = lab.shape[:2]
+    # NOTE: h*w/600 superpixels as the reference code, but at least 100 so small images get a graph
+    labels = slic(lab, max(100, round(H * W / 600)), compactness=20.0)
+    N, ys, xs = labels.max() + 1, *np.mgrid[0:H, 0:W]
+    features = np.concatenate([lab, ys[..., None] / H, xs[..., None] / W], -1).reshape(-1, 5)  # Lab, y, x in [0, 1)
+    means = np.stack([np.bincount(labels.ravel(), f, N) for f in features.T], 1) / np.bincount(labels.ravel())[:, None]
+    colour, position = means[:, :3], means[:, 3:]  # (N, 3), (N, 2)
+    # Graph: superpixels are adjacent when two of their pixels are 4-neighbours.
+    adjacent = np.zeros((N, N), dtype=bool)
+    for a, b in ((labels[:, :-1], labels[:, 1:]), (labels[:-1], labels[1:])):
+        adjacent[a.ravel(), b.ravel()] = True
+    adjacent |= adjacent.T
+    np.fill_diagonal(adjacent, False)
+    # "Boundary" = superpixels touching a border band: 8 px at the reference superpixel size (~24 px).
+    band = max(1, round(math.sqrt(H * W / N) / 3))
+    border = np.ones((H, W), dtype=bool)
+    border[band:H - band, band:W - band] = False
+    boundary = np.bincount(labels[border], minlength=N) > 0
+    d_app = np.sqrt(((colour[:, None] - colour[None]) ** 2).sum(-1))  # (N, N) Lab distances
+    clip = np.where(adjacent, d_app, np.inf).min(1).mean()  # mean distance to the nearest neighbour
+    linked = adjacent | (boundary[:, None] & boundary[None])  # NOTE: reference code links the border
+    d_geo = all_pairs_shortest_paths(np.where(linked, np.maximum(0, d_app - clip), np.inf))  # (N, N)
+    S_geo = np.exp(-d_geo ** 2 / (2 * sigma_geo ** 2))  # soft "same region" between superpixels
+    bnd_con = (S_geo * boundary).sum(1) / np.sqrt(S_geo.sum(1))  # eq. 1, soft: Len_bnd / sqrt(Area)
+    w_bg = 1 - np.exp(-bnd_con ** 2 / 2)  # background probability, sigma_bndCon = 1
+    d_spa = np.sqrt(((position[:, None] - position[None]) ** 2).sum(-1))
+    w_ctr = (d_app * np.exp(-d_spa ** 2 / (2 * sigma_spa ** 2)) * w_bg[None]).sum(1)  # background-weighted contrast
+    w_fg = (w_ctr - w_ctr.min()) / (w_ctr.max() - w_ctr.min() + 1e-12)
+    # Eq. 9: min sum w_bg s^2 + sum w_fg (s - 1)^2 + sum_ij w_ij (s_i - s_j)^2, a linear system.
+    w_ij = np.where(adjacent, np.exp(-d_app ** 2 / (2 * sigma_clr ** 2)) + mu, 0)
+    system = np.diag(w_ij.sum(1) + lambda_bg * w_bg + w_fg) - w_ij  # NOTE: lambda_bg 5 as the reference code
+    s = np.linalg.solve(system, w_fg)
+    s = (s - s.min()) / (s.max() - s.min() + 1e-12)
+    saliency = Image.fromarray(s[labels].astype(np.float32)).resize(image.size, Image.BILINEAR)
+    return np.clip(np.asarray(saliency), 0, 1)
+
+
+class RBDMasks(torch.utils.data.Dataset):
+    """`--saliency rbd`: a source whose targets carry RBD masks estimated on the fly (small data)."""
+
+    def __init__(self, source):
+        self.source = source
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, index):
+        image, target = self.source[index]
+        return image, {**target, "mask": Image.fromarray(np.uint8(np.round(255 * rbd_saliency(image))))}
+
+
+class SaliencyJobs(torch.utils.data.Dataset):
+    """Item i estimates and writes the mask of `paths[i]` -> (path, error message or "")."""
+
+    def __init__(self, root, paths, out_dir):
+        self.root, self.paths, self.out_dir = root, paths, out_dir
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        path = self.paths[index]
+        out = os.path.join(self.out_dir, os.path.splitext(path)[0] + ".png")  # the `--saliency DIR` layout
+        try:
+            with open(os.path.join(self.root, path), "rb") as f:
+                image = Image.open(f)
+                image.load()
+            saliency = rbd_saliency(to_rgb(image))
+        except Exception as error:  # a bad file is reported in the summary, never fatal
+            return path, f"{type(error).__name__}: {error}"
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        temporary = f"{out}.tmp{os.getpid()}"  # an interrupted run never leaves a half-written mask
+        Image.fromarray(np.uint8(np.round(255 * saliency))).save(temporary, format="PNG")
+        os.replace(temporary, out)
+        return path, ""
+
+
+def make_saliency(args):
+    """`--make-saliency`: an RBD mask per image of --data into --saliency-out; resumable.
+
+    torchrun ranks split the paths (rank::world, no process group needed); within a process
+    --workers data loader workers estimate in parallel. Masks that exist are skipped.
+    """
+    if args.data == "synthetic" or not args.saliency_out:
+        raise SystemExit("error: --make-saliency needs --data FOLDER and --saliency-out DIR")
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    source = ImageFolderSource(args.data)
+    mine = source.paths[rank::world]
+    todo = [p for p in mine if not os.path.exists(os.path.join(args.saliency_out, os.path.splitext(p)[0] + ".png"))]
+    print(f"rank {rank}/{world}: {len(mine)} images under {source.root}, {len(mine) - len(todo)} masks exist, "
+          f"{len(todo)} to estimate into {args.saliency_out}", flush=True)
+    loader = torch.utils.data.DataLoader(SaliencyJobs(source.root, todo, args.saliency_out), batch_size=None,
+                                         num_workers=args.workers)
+    failed, start, last_print = [], time.time(), 0.0
+    for done, (path, error) in enumerate(loader, start=1):
+        if error:
+            failed.append(f"{path} ({error})")
+        if time.time() - last_print > 10 or done == len(todo):
+            last_print, rate = time.time(), done / (time.time() - start)
+            print(f"rank {rank}: [{done}/{len(todo)}] {rate:.1f} img/s, eta {(len(todo) - done) / rate / 60:.1f} min, "
+                  f"{len(failed)} unreadable", flush=True)
+    print(f"rank {rank}: done: {len(todo) - len(failed)} masks written, {len(mine) - len(todo)} existed, "
+          f"{len(failed)} unreadable" + "".join(f"\n  unreadable: {f}" for f in failed), flush=True)
+    return {"written": len(todo) - len(failed), "existed": len(mine) - len(todo), "failed": failed}
+
+
+# ---------------------------------------------------------------------------------------
 # Model: MoCo v2 encoder = ResNet + MLP head, key encoder, queue
 # ---------------------------------------------------------------------------------------
 
@@ -223,13 +401,14 @@ class DiLo(nn.Module):
         self.encoder_k = copy.deepcopy(self.encoder_q).requires_grad_(False)
         self.queue = MomentumQueue(args.queue_size)
 
-    def forward(self, im_q, im_k):
+    def forward(self, im_q, im_k, pasted, has_mask):
         q = self.encoder_q(im_q)  # (N, 128)
         ema_update(self.encoder_k, self.encoder_q, self.args.ema)
         k = shuffled_key_forward(self.encoder_k, (im_k,), self.args.bn_batch)  # (N, 128)
         loss, acc = info_nce(q, k, self.queue.keys.clone(), self.args.temperature)  # enqueue writes in place
         self.queue.enqueue(k)
-        return loss, {"loss": loss.detach(), "acc": acc}
+        return loss, {"loss": loss.detach(), "acc": acc,  # and what the data loader did:
+                      "pasted": pasted.float().mean(), "no_mask": 1 - has_mask.float().mean()}
 
 
 # ---------------------------------------------------------------------------------------
@@ -253,31 +432,31 @@ def info_nce(q, k, queue, tau):  # Same as in dupr.py, detco.py, insloc.py
 # ---------------------------------------------------------------------------------------
 
 
-def train_one_epoch(model, loader, optimizer, epoch, args, log):  # Same as in dupr.py apart from the batch
+def train_one_epoch(model, loader, optimizer, epoch, args, log):  # Same as in dupr.py, detco.py, insloc.py
+    """One epoch (or --steps iterations): cosine lr per iteration, bf16 autocast, NaN guard, logs."""
     model.train()
     steps = min(args.steps, len(loader)) if args.steps else len(loader)
     sums, start = {}, time.time()
     end = start
-    for it, (im_q, im_k, pasted, has_mask) in enumerate(loader):
+    for it, batch in enumerate(loader):
         if it == steps:
             break
         data_time = time.time() - end
         lr = args.lr_actual * 0.5 * (1 + math.cos(math.pi * (epoch + it / steps) / args.epochs))
         for group in optimizer.param_groups:
             group["lr"] = lr
-        im_q, im_k = im_q.to(args.device, non_blocking=True), im_k.to(args.device, non_blocking=True)
-        if args.device.type == "cuda":
-            im_q, im_k = im_q.to(memory_format=torch.channels_last), im_k.to(memory_format=torch.channels_last)
+        batch = [t.to(args.device, non_blocking=True) for t in batch]
+        if args.device.type == "cuda":  # NHWC convolutions are faster under bf16
+            batch = [t.to(memory_format=torch.channels_last) if t.dim() == 4 else t for t in batch]
         with torch.autocast(args.device.type, dtype=torch.bfloat16, enabled=args.amp):
-            loss, terms = model(im_q, im_k)
+            loss, terms = model(*batch)
         if not math.isfinite(loss.item()):
             raise SystemExit(f"error: loss is {loss.item()} at epoch {epoch} iteration {it}; "
                              f"the last good checkpoint in {args.output_dir} is kept")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        terms = {name: value.item() for name, value in terms.items()}
-        terms.update(pasted=pasted.float().mean().item(), no_mask=(~has_mask).sum().item())
+        terms = {name: float(value) for name, value in terms.items()}
         for name, value in terms.items():
             sums[name] = sums.get(name, 0.0) + value
         step_time, end = time.time() - end, time.time()
@@ -285,9 +464,7 @@ def train_one_epoch(model, loader, optimizer, epoch, args, log):  # Same as in d
             log({"epoch": epoch, "iteration": it, "steps": steps, "lr": lr, **terms,
                  "img_per_s": args.batch_size / step_time, "data_time": data_time, "step_time": step_time,
                  "eta_s": (time.time() - start) / (it + 1) * (steps - it - 1), "memory_mb": peak_memory_mb(args)})
-    averages = {name: value / steps for name, value in sums.items()}
-    averages["no_mask"] = sums.get("no_mask", 0)  # a count over the epoch, not a mean
-    return averages
+    return {name: value / steps for name, value in sums.items()}
 
 
 # ---------------------------------------------------------------------------------------
@@ -398,11 +575,86 @@ def write_preview(dataset, args, cell=128):
 
 
 # ---------------------------------------------------------------------------------------
+# Diagnosis (paper "Diagnosing Self-Supervised Models", Fig. 2 and 5): nearest neighbours
+# in embedding space and the input gradient of the embedding, for any backbone of this repo
+# ---------------------------------------------------------------------------------------
+
+RESNET_BY_BLOCKS = {(False, 2): "resnet18", (False, 6): "resnet34", (True, 6): "resnet50",
+                    (True, 23): "resnet101", (True, 36): "resnet152"}  # (bottleneck, blocks in layer3)
+
+
+def load_backbone(path):
+    """A ResNetTrunk (eval mode) from a backbone.pth (torchvision keys) or a checkpoint.pth."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if "model" in state:  # checkpoint.pth: the query encoder's ResNet
+        prefix = "encoder_q.backbone."
+        state = {k[len(prefix):]: v for k, v in state["model"].items() if k.startswith(prefix)}
+    blocks = 1 + max((int(k.split(".")[1]) for k in state if k.startswith("layer3.")), default=-1)
+    arch = RESNET_BY_BLOCKS.get(("layer1.0.conv3.weight" in state, blocks))
+    if arch is None:
+        raise SystemExit(f"error: --diagnose {path}: no torchvision ResNet weights in it")
+    trunk = ResNetTrunk(arch)
+    trunk.load_state_dict({k: v for k, v in state.items() if k in trunk.state_dict()})  # FPN/heads dropped
+    return trunk.eval().requires_grad_(False)  # gradients are wanted for the input only
+
+
+def embed(trunk, x):
+    return F.normalize(trunk(x)[-1].mean(dim=(2, 3)), dim=1)  # (N, C): pooled c5, any method's backbone
+
+
+def diagnose(args, queries=6, k=3, cell=128):
+    """`--diagnose CKPT`: per query (--data), its top-k neighbours in a held-out set and |d sim / d pixel|."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    trunk = load_backbone(args.diagnose).to(device)
+    if args.data == "synthetic":
+        query_source, held_out = ToyWorld(queries, args.image_size * 8 // 7), ToyWorld(200, args.image_size * 8 // 7, "val")
+    else:  # held out: DATA/val if present, else the images after the queries
+        query_source = ImageFolderSource(args.data)
+        val = os.path.join(args.data, "val")
+        held_out = ImageFolderSource(val) if os.path.isdir(val) else torch.utils.data.Subset(query_source, range(queries, len(query_source)))
+    crop = T.Compose([T.Resize(args.image_size), T.CenterCrop(args.image_size)])
+    prepare = T.Compose([crop, T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    with torch.no_grad():  # the held-out embeddings, 64 images at a time
+        batches = [range(start, min(start + 64, len(held_out))) for start in range(0, len(held_out), 64)]
+        keys = torch.cat([embed(trunk, torch.stack([prepare(held_out[i][0]) for i in b]).to(device)) for b in batches])  # (G, C)
+    columns = ["query", "input gradient"] + [f"neighbour {i + 1}" for i in range(k)]
+    sheet = Image.new("RGB", (cell * len(columns), 16 + cell * queries), "white")
+    draw = ImageDraw.Draw(sheet)
+    for c, name in enumerate(columns):
+        draw.text((c * cell + 4, 2), name, fill="black")
+    found = []
+    for row in range(queries):
+        x = prepare(query_source[row][0])[None].to(device).requires_grad_(True)  # (1, 3, S, S)
+        similarity, neighbours = (keys @ embed(trunk, x)[0]).topk(k)
+        # NOTE: the paper back-propagates a linear classifier trained with labels; without labels
+        # we back-propagate what makes the neighbours neighbours: their summed similarity.
+        similarity.sum().backward()
+        gradient = x.grad[0].abs().amax(0)  # (S, S) per-pixel max over RGB
+        gradient = (gradient / gradient.flatten().quantile(0.99).clamp_min(1e-12)).clamp(0, 1)
+        cells = [crop(query_source[row][0]), Image.fromarray(np.uint8(255 * gradient.cpu().numpy()))]
+        cells += [crop(held_out[int(i)][0]) for i in neighbours]
+        for c, picture in enumerate(cells):
+            sheet.paste(picture.convert("RGB").resize((cell, cell)), (c * cell, 16 + row * cell))
+        for c, value in enumerate(similarity.tolist()):
+            draw.text(((2 + c) * cell + 4, 20 + row * cell), f"cos {value:.3f}", fill="yellow")
+        found.append(neighbours.cpu())
+    os.makedirs(args.output_dir, exist_ok=True)
+    path = os.path.join(args.output_dir, "diagnosis.png")
+    sheet.save(path)
+    print(f"wrote {path}: {queries} queries, top-{k} of {len(keys)} held-out images")
+    return torch.stack(found)  # (queries, k) indices into the held-out set
+
+
+# ---------------------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------------------
 
 
 def main(args):
+    if args.make_saliency:
+        return make_saliency(args)
+    if args.diagnose:
+        return diagnose(args)
     setup_distributed(args)
     os.makedirs(args.output_dir, exist_ok=True)
     source = open_source(args.data, 128 if args.tiny else 5000, args.image_size * 8 // 7, min_side=args.image_size)
