@@ -50,10 +50,11 @@ from common import (IMAGENET_MEAN, IMAGENET_STD, ImageFolderSource, MomentumQueu
 # Arguments
 # ---------------------------------------------------------------------------------------
 
-# NOTE: the tiny queue (256) is smaller than its dataset (320 images): a larger one would hold
-# each image's own older keys as negatives. ema 0.99 and lr 0.3 let 50 steps show learning.
+# NOTE: --tiny is a smoke run (about 10 steps on 320 toy images), not a result: from random
+# init MoCo's logged loss first rises while the queue fills with real keys. Its queue (256) is
+# smaller than its dataset, else the queue would hold each image's own older keys as negatives.
 TINY = dict(data="synthetic", arch="resnet18", image_size=64, batch_size=32, queue_size=256, bn_batch=8,
-            epochs=12, workers=2, lr=0.3, ema=0.99, print_freq=2)
+            epochs=1, workers=2, lr=0.3, ema=0.99, print_freq=2)
 
 
 def get_args(argv=None):
@@ -408,7 +409,8 @@ class DiLo(nn.Module):
         loss, acc = info_nce(q, k, self.queue.keys.clone(), self.args.temperature)  # enqueue writes in place
         self.queue.enqueue(k)
         return loss, {"loss": loss.detach(), "acc": acc,  # and what the data loader did:
-                      "pasted": pasted.float().mean(), "no_mask": 1 - has_mask.float().mean()}
+                      "pasted": pasted.float().mean(),
+                      "no_mask": 1 - has_mask.float().mean() if self.args.paste_prob > 0 else torch.zeros(())}
 
 
 # ---------------------------------------------------------------------------------------
@@ -657,7 +659,7 @@ def main(args):
         return diagnose(args)
     setup_distributed(args)
     os.makedirs(args.output_dir, exist_ok=True)
-    source = open_source(args.data, 128 if args.tiny else 5000, args.image_size * 8 // 7, min_side=args.image_size)
+    source = open_source(args.data, 320 if args.tiny else 5000, args.image_size * 8 // 7, min_side=args.image_size)
     dataset = CopyPasteTwoViews(source, args)
     if args.preview:
         return write_preview(dataset, args) if args.is_main else None

@@ -180,14 +180,14 @@ def test_copy_paste_pixels_and_probabilities():
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("dilo_tiny")
-    dilo.main(dilo.get_args(["--tiny", "--epochs", "3", "--output-dir", str(out), "--workers", "0"]))
+    dilo.main(dilo.get_args(["--tiny", "--output-dir", str(out), "--workers", "0"]))
     return out
 
 
 def test_dilo_tiny_run_writes_its_outputs(tiny_run):
     records = read_log(tiny_run / "log.jsonl")
     steps = [r for r in records if "iteration" in r]
-    assert [r["epoch"] for r in records if "iteration" not in r] == [0, 1, 2]  # one summary per epoch
+    assert [r["epoch"] for r in records if "iteration" not in r] == [0]  # one summary per epoch
     for key in ("loss", "acc", "lr", "img_per_s", "data_time", "step_time", "memory_mb", "pasted", "no_mask"):
         assert all(np.isfinite(r[key]) for r in steps), key
     assert all(0 < r["pasted"] < 1 for r in records if "iteration" not in r)  # p = 0.3 per view
