@@ -1,0 +1,483 @@
+"""DetCo: Unsupervised Contrastive Learning for Object Detection.
+
+Xie, Ding, Wang, Zhan, Xu, Li, Luo, ICCV 2021 (talk: ../shared/papers/detco_slides.txt).
+The authors never released pretraining code; every choice the paper leaves open is a NOTE.
+
+Idea: MoCo v2 learns from one global embedding of res5, which transfers to classification
+better than to detection. DetCo adds (1) Hierarchical Intermediate Contrast: a contrastive
+loss at each of res2..res5, with its own heads and queues, so shallow features stay
+discriminative; (2) Cross Global-Local Contrast: each image also gives two jigsaw sets of
+9 local patches, and the embedding of a patch set is contrasted with the other global view
+(l2g) and with the other patch set (l2l). Per level l, with weight w_l (paper Sec. 3):
+
+    L = sum_l w_l * (L_g2g(q_g, k_g, Queue_g) + L_l2g(q_l, k_g, Queue_g) + L_l2l(q_l, k_l, Queue_l))
+
+    python detco.py --tiny                                    # toy world, CPU, ~3 minutes
+    torchrun --nproc_per_node=8 detco.py --data /imagenet
+    torchrun --nnodes=2 --node_rank=0 --master_addr=HOST --master_port=29500 \\
+        --nproc_per_node=8 detco.py --data /imagenet
+    python detco.py --preview 8                               # views, patch sets, crop boxes
+
+Recipe (defaults): MoCo v2 base, ResNet-50, tau 0.2, 8 queues of K 65536, m 0.999, lr 0.03
+per 256, cosine, 200 epochs (100 in the paper's ablations), level weights 0.1 0.4 0.7 1.0.
+Expected (paper, slides Table 6, VOC07+12 Faster R-CNN C4, 200 epochs): AP 57.8 / AP50 82.6
+/ AP75 64.2 vs MoCo v2's 57.0 / 82.4 / 63.6; ImageNet linear top-1 68.6 vs 67.5 (Table 8).
+
+NOTE: heads (the paper gives no widths; the authors' issue #6 asks): per level C_l, global
+  pool -> MLP C_l -> C_l -> 128; local: pool each patch -> concatenate the 9 vectors in the
+  set's shuffled order -> MLP 9 C_l -> C_l -> 128. All L2-normalised. Counts print at start
+  (ResNet-50: global 6.1M, local 50.6M, of which res5's local head alone is 38.0M).
+NOTE: jigsaw sizes scale with --image-size S in one place, `local_sizes`: cell =
+  round(85 S / 224), crop = 3 cell (the grid tiles the crop exactly), patch = round(64 S / 224):
+  224 -> 255 / 85 / 64 (the paper), 64 (--tiny) -> 72 / 24 / 18.
+NOTE: colour jitter, grayscale and blur are applied once to the whole local crop, after the
+  geometry and before cutting: the 9 patches of a set share one colour draw (PIRL jitters each
+  patch; the spec lists colour before the split).
+NOTE: flip is drawn right after the crop (MoCo v2 flips last). Flip commutes with jitter,
+  grayscale and the symmetric blur, so views have MoCo v2's distribution; this way a view's
+  whole geometry is known before colour, for the jigsaw test and --preview.
+NOTE: patches go through the backbone at their own size (64 px: res5 is 2 x 2), one batch of
+  N * 9 patches per side; the query encoder's BN sees global views and patches in separate
+  batches. On the key side an image's global view and its 9 patches travel together through
+  shuffle BN (one permutation), so a chunk is bn_batch views + 9 bn_batch patches.
+NOTE: l2g uses level l's global key and global queue; no symmetric swap of views; the level
+  terms are summed unnormalised (weights do not sum to 1), as the paper's equation.
+"""
+import argparse
+import copy
+import json
+import math
+import os
+import random
+import resource
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision.transforms as T
+import torchvision.transforms.functional as TF
+from PIL import Image, ImageDraw, ImageFilter
+
+from common import IMAGENET_MEAN, IMAGENET_STD, MomentumQueue, ResNetTrunk, ema_update, open_source, shuffled_key_forward
+
+# ---------------------------------------------------------------------------------------
+# Arguments
+# ---------------------------------------------------------------------------------------
+
+# Same as in dilo.py: DetCo needs no other tiny setting.
+TINY = dict(data="synthetic", arch="resnet18", image_size=64, batch_size=32, queue_size=256, bn_batch=8,
+            epochs=12, workers=2, lr=0.3, ema=0.99, print_freq=2)
+LEVELS = ("res2", "res3", "res4", "res5")
+
+
+def get_args(argv=None):
+    parser = argparse.ArgumentParser(description="DetCo pretraining", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--data", default="synthetic", help="image folder (ImageNet layout aware) or 'synthetic'")
+    parser.add_argument("--arch", default="resnet50", help="torchvision ResNet: resnet18/34/50/101/152")
+    parser.add_argument("--epochs", type=int, default=200)
+    parser.add_argument("--batch-size", type=int, default=256, help="global batch over all processes")
+    parser.add_argument("--lr", type=float, default=0.03, help="base lr per 256 images (scaled linearly)")
+    parser.add_argument("--wd", type=float, default=1e-4, help="weight decay")
+    parser.add_argument("--workers", type=int, default=8, help="data loader workers per process")
+    parser.add_argument("--image-size", type=int, default=224, help="view size, pixels")
+    parser.add_argument("--queue-size", type=int, default=65536, help="K, keys in the queue")
+    parser.add_argument("--temperature", type=float, default=0.2, help="tau of InfoNCE")
+    parser.add_argument("--ema", type=float, default=0.999, help="m, key encoder momentum")
+    parser.add_argument("--bn-batch", type=int, default=32, help="samples per shuffle-BN chunk (per-GPU batch of the paper)")
+    parser.add_argument("--output-dir", default="runs/detco")
+    parser.add_argument("--resume", default="auto", help="'auto' (output-dir/checkpoint.pth if present), a path, or 'none'")
+    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on for CUDA)")
+    parser.add_argument("--print-freq", type=int, default=10, help="iterations between log lines")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=0, help="cap on iterations per epoch (0 = full epoch)")
+    parser.add_argument("--tiny", action="store_true", help="CPU-sized recipe: " + " ".join(f"{k}={v}" for k, v in TINY.items()))
+    parser.add_argument("--preview", type=int, default=0, help="write output-dir/preview.png with N samples, then exit")
+    # DetCo (Sec. 3.2, hierarchical intermediate contrast)
+    parser.add_argument("--level-weights", type=float, nargs=4, default=[0.1, 0.4, 0.7, 1.0], metavar="W",
+                        help="w_l, loss weight of res2 res3 res4 res5")
+    args = parser.parse_args(argv)
+    if args.tiny:  # the tiny recipe replaces defaults only: explicit flags still win
+        parser.set_defaults(**TINY)
+        args = parser.parse_args(argv)
+    return args
+
+
+# ---------------------------------------------------------------------------------------
+# Data: two global views (MoCo v2) and two jigsaw patch sets per image
+# ---------------------------------------------------------------------------------------
+
+
+class RandomGaussianBlur:  # Same as in dilo.py
+    """MoCo v2's blur: PIL Gaussian blur with sigma ~ U(0.1, 2.0)."""
+
+    def __call__(self, image):
+        return image.filter(ImageFilter.GaussianBlur(radius=float(torch.empty(()).uniform_(0.1, 2.0))))
+
+
+def local_sizes(image_size):
+    """(crop, cell, patch) in pixels of the jigsaw for global views of `image_size`; 224 -> (255, 85, 64)."""
+    cell = round(85 * image_size / 224)
+    return 3 * cell, cell, round(64 * image_size / 224)
+
+
+def random_crop_and_flip(image, size, scale):
+    """The geometry of a view: RandomResizedCrop to size x size, then a flip with p 0.5.
+
+    Returns (PIL crop, box (x0, y0, x1, y1) of the crop on `image`, flipped).
+    """
+    i, j, h, w = T.RandomResizedCrop.get_params(image, scale, (3 / 4, 4 / 3))
+    crop = TF.resized_crop(image, i, j, h, w, [size, size], antialias=True)
+    flipped = bool(torch.rand(()) < 0.5)
+    return (TF.hflip(crop) if flipped else crop), (j, i, j + w, i + h), flipped
+
+
+class GlobalLocalViews(torch.utils.data.Dataset):
+    """Item -> (view_q, view_k (3, S, S), patches_q, patches_k (9, 3, p, p)), all from the original image."""
+
+    def __init__(self, source, args):
+        self.source, self.size = source, args.image_size
+        self.crop, self.cell, self.patch = local_sizes(args.image_size)
+        self.colour = T.Compose([  # MoCo v2's photometric part, for global views and local crops
+            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+            T.RandomGrayscale(p=0.2),
+            T.RandomApply([RandomGaussianBlur()], p=0.5)])
+        self.to_input = T.Compose([T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+    def __len__(self):
+        return len(self.source)
+
+    def global_view(self, image):
+        crop, box, flipped = random_crop_and_flip(image, self.size, (0.2, 1.0))
+        return {"view": self.to_input(self.colour(crop)), "box": box, "flipped": flipped}
+
+    def jigsaw(self, image):
+        """A 3 x 3 jigsaw (paper Sec. 3.3, after PIRL): crop (0.6-1 of the area), grid of cells,
+        a random patch x patch window per cell, the 9 windows shuffled. Slot j holds cell perm[j]."""
+        crop, box, flipped = random_crop_and_flip(image, self.crop, (0.6, 1.0))
+        corners = torch.arange(3) * self.cell
+        windows = torch.stack(torch.meshgrid(corners, corners, indexing="ij"), -1).reshape(9, 2)  # (9, 2) cell (y, x), row-major
+        windows = windows + torch.randint(0, self.cell - self.patch + 1, (9, 2))  # top-left of each cell's window
+        perm = torch.randperm(9)
+        x, p = self.to_input(self.colour(crop)), self.patch  # (3, crop, crop)
+        patches = torch.stack([x[:, y0:y0 + p, x0:x0 + p] for y0, x0 in windows[perm].tolist()])  # (9, 3, p, p)
+        return {"patches": patches, "crop": crop, "box": box, "flipped": flipped, "windows": windows, "perm": perm}
+
+    def sample(self, index):
+        image, _ = self.source[index]
+        return image, [self.global_view(image) for _ in range(2)], [self.jigsaw(image) for _ in range(2)]
+
+    def __getitem__(self, index):
+        _, views, jigsaws = self.sample(index)
+        return views[0]["view"], views[1]["view"], jigsaws[0]["patches"], jigsaws[1]["patches"]
+
+
+# ---------------------------------------------------------------------------------------
+# Model: per level res2..res5 a global and a local head; key encoder; 8 queues
+# ---------------------------------------------------------------------------------------
+
+
+def mlp(in_features, hidden, dim=128):
+    return nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, dim))
+
+
+class Encoder(nn.Module):
+    """ResNet + global and local heads at res2..res5 (paper Fig. 2b).
+
+    forward(images (N, 3, S, S), patches (N, 9, 3, p, p)) -> 8 embeddings (N, 128):
+    global res2..res5, then local res2..res5. One backbone pass for the views, one for the patches.
+    """
+
+    def __init__(self, arch, dim=128):
+        super().__init__()
+        self.backbone = ResNetTrunk(arch)
+        self.global_heads = nn.ModuleList(mlp(C, C, dim) for C in self.backbone.channels)
+        self.local_heads = nn.ModuleList(mlp(9 * C, C, dim) for C in self.backbone.channels)
+
+    def forward(self, images, patches):
+        N = len(images)
+        global_features = self.backbone(images)  # 4 x (N, C_l, h_l, w_l)
+        local_features = self.backbone(patches.flatten(0, 1))  # 4 x (N * 9, C_l, h'_l, w'_l); image-major
+        g = [head(c.mean(dim=(2, 3))) for head, c in zip(self.global_heads, global_features)]  # 4 x (N, 128)
+        # (N * 9, C_l) -> (N, 9 * C_l): each image's 9 patch vectors side by side, in slot order
+        l = [head(c.mean(dim=(2, 3)).reshape(N, -1)) for head, c in zip(self.local_heads, local_features)]
+        return tuple(F.normalize(e, dim=1) for e in g + l)
+
+
+class DetCo(nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        self.args = args
+        self.encoder_q = Encoder(args.arch)
+        self.encoder_k = copy.deepcopy(self.encoder_q).requires_grad_(False)
+        # Queue_g of res2..res5, then Queue_l of res2..res5: the order of the embeddings.
+        self.queues = nn.ModuleList(MomentumQueue(args.queue_size) for _ in range(2 * len(LEVELS)))
+
+    def forward(self, im_q, im_k, patches_q, patches_k):
+        q = self.encoder_q(im_q, patches_q)  # 8 x (N, 128)
+        ema_update(self.encoder_k, self.encoder_q, self.args.ema)
+        # Shuffle BN: an image's global view and its patch set share one permutation.
+        k = shuffled_key_forward(self.encoder_k, (im_k, patches_k), self.args.bn_batch)  # 8 x (N, 128)
+        queues = [queue.keys.clone() for queue in self.queues]  # enqueue writes in place
+        loss, terms = detco_loss(q, k, queues, self.args.level_weights, self.args.temperature)
+        for queue, key in zip(self.queues, k):
+            queue.enqueue(key)
+        return loss, terms
+
+
+# ---------------------------------------------------------------------------------------
+# Loss
+# ---------------------------------------------------------------------------------------
+
+
+def detco_loss(q, k, queues, level_weights, tau):
+    """Paper eq. (DetCo loss): sum_l w_l (L_g2g + L_l2g + L_l2l), 12 InfoNCE terms.
+
+    q, k, queues: 8 entries each, global res2..res5 then local res2..res5; q, k (N, 128), queues (K, 128).
+    Returns the total and a dict of every term and its positive-vs-queue accuracy.
+    """
+    L = len(level_weights)
+    loss, terms = 0.0, {}
+    for level, w in enumerate(level_weights):
+        q_g, q_l, k_g, k_l = q[level], q[L + level], k[level], k[L + level]
+        for name, query, key, queue in (("g2g", q_g, k_g, queues[level]),  # global query vs global key
+                                        ("l2g", q_l, k_g, queues[level]),  # patch set vs the other global view
+                                        ("l2l", q_l, k_l, queues[L + level])):  # patch set vs the other patch set
+            term, acc = info_nce(query, key, queue, tau)
+            loss = loss + w * term
+            terms[f"{name}_{LEVELS[level]}"], terms[f"acc_{name}_{LEVELS[level]}"] = term.detach(), acc
+    return loss, {"loss": loss.detach(), **terms}
+
+
+def info_nce(q, k, queue, tau):  # Same as in dilo.py
+    """InfoNCE (MoCo eq. 1) in fp32. q, k: (N, D) positives row by row; queue: (K, D)."""
+    q, k = q.float(), k.float()
+    l_pos = (q * k).sum(dim=1, keepdim=True)  # (N, 1)
+    l_neg = q @ queue.t()  # (N, K)
+    logits = torch.cat([l_pos, l_neg], dim=1) / tau  # (N, 1 + K); the positive is class 0
+    target = torch.zeros(len(q), dtype=torch.long, device=q.device)
+    acc = (l_pos[:, 0] > l_neg.max(dim=1).values).float().mean()  # ties count as wrong
+    return F.cross_entropy(logits, target), acc
+
+
+# ---------------------------------------------------------------------------------------
+# Training loop
+# ---------------------------------------------------------------------------------------
+
+
+def train_one_epoch(model, loader, optimizer, epoch, args, log):  # Same as in dilo.py
+    """One epoch (or --steps iterations): cosine lr per iteration, bf16 autocast, NaN guard, logs."""
+    model.train()
+    steps = min(args.steps, len(loader)) if args.steps else len(loader)
+    sums, start = {}, time.time()
+    end = start
+    for it, batch in enumerate(loader):
+        if it == steps:
+            break
+        data_time = time.time() - end
+        lr = args.lr_actual * 0.5 * (1 + math.cos(math.pi * (epoch + it / steps) / args.epochs))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        batch = [t.to(args.device, non_blocking=True) for t in batch]
+        if args.device.type == "cuda":  # NHWC convolutions are faster under bf16
+            batch = [t.to(memory_format=torch.channels_last) if t.dim() == 4 else t for t in batch]
+        with torch.autocast(args.device.type, dtype=torch.bfloat16, enabled=args.amp):
+            loss, terms = model(*batch)
+        if not math.isfinite(loss.item()):
+            raise SystemExit(f"error: loss is {loss.item()} at epoch {epoch} iteration {it}; "
+                             f"the last good checkpoint in {args.output_dir} is kept")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        terms = {name: float(value) for name, value in terms.items()}
+        for name, value in terms.items():
+            sums[name] = sums.get(name, 0.0) + value
+        step_time, end = time.time() - end, time.time()
+        if it % args.print_freq == 0 or it == steps - 1:
+            log({"epoch": epoch, "iteration": it, "steps": steps, "lr": lr, **terms,
+                 "img_per_s": args.batch_size / step_time, "data_time": data_time, "step_time": step_time,
+                 "eta_s": (time.time() - start) / (it + 1) * (steps - it - 1), "memory_mb": peak_memory_mb(args)})
+    return {name: value / steps for name, value in sums.items()}
+
+
+# ---------------------------------------------------------------------------------------
+# Plumbing: distributed setup, checkpoints, logging. Same as in dilo.py. Then the preview.
+# ---------------------------------------------------------------------------------------
+
+
+def setup_distributed(args):
+    args.world_size, args.rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    if torch.cuda.is_available():
+        args.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(args.device)
+    else:
+        args.device = torch.device("cpu")
+    if args.world_size > 1:
+        dist.init_process_group("nccl" if args.device.type == "cuda" else "gloo")
+    if args.batch_size % args.world_size:
+        raise SystemExit(f"error: --batch-size {args.batch_size} does not divide by the world size {args.world_size}")
+    args.is_main = args.rank == 0
+    args.amp = args.device.type == "cuda" if args.amp is None else args.amp
+    args.lr_actual = args.lr * args.batch_size / 256
+
+
+def seed_everything(seed):
+    """Every epoch reseeds from (seed, epoch, rank), so a resumed run replays the same randomness."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+def peak_memory_mb(args):
+    if args.device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def make_logger(args):
+    def log(record):
+        if not args.is_main:
+            return
+        with open(os.path.join(args.output_dir, "log.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if "iteration" in record:
+            terms = " ".join(f"{k} {v:.4f}" for k, v in record.items() if k not in (
+                "epoch", "iteration", "steps", "lr", "img_per_s", "data_time", "step_time", "eta_s", "memory_mb"))
+            print(f"epoch {record['epoch']} [{record['iteration'] + 1}/{record['steps']}] "
+                  f"eta {record['eta_s'] / 60:.1f} min lr {record['lr']:.5f} {terms} "
+                  f"{record['img_per_s']:.1f} img/s data {100 * record['data_time'] / record['step_time']:.0f}% "
+                  f"mem {record['memory_mb']:.0f} MB", flush=True)
+        else:
+            print("epoch summary " + json.dumps(record), flush=True)
+    return log
+
+
+def load_checkpoint(model, optimizer, args):
+    path = os.path.join(args.output_dir, "checkpoint.pth") if args.resume == "auto" else args.resume
+    if args.resume == "none" or not os.path.exists(path):
+        if args.resume not in ("auto", "none"):
+            raise SystemExit(f"error: --resume {path}: no such file")
+        return 0
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if checkpoint.get("method") != "detco" or checkpoint["args"]["arch"] != args.arch:
+        raise SystemExit(f"error: {path} is a {checkpoint.get('method')} {checkpoint['args']['arch']} checkpoint, "
+                         f"not detco {args.arch}; use another --output-dir or --resume none")
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    if args.is_main:
+        print(f"resumed from {path} (epoch {checkpoint['epoch']} done)")
+    return checkpoint["epoch"]
+
+
+def save_checkpoint(model, optimizer, epoch, args):
+    """checkpoint.pth (everything to resume) and backbone.pth (torchvision keys), atomically."""
+    state = {"method": "detco", "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, type(None)))}}
+    for name, obj in (("checkpoint.pth", state), ("backbone.pth", model.encoder_q.backbone.state_dict())):
+        path = os.path.join(args.output_dir, name)
+        torch.save(obj, path + ".tmp")
+        os.replace(path + ".tmp", path)
+
+
+def to_picture(tensor, size):
+    """A normalised (3, H, W) view back to a PIL image."""
+    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
+    array = ((tensor * std + mean).clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
+    return Image.fromarray(array).resize((size, size))
+
+
+def draw_regions(image, views, jigsaws, size):
+    """The original at size x size with the 2 global crops and the 2 local crops, each local
+    crop with its 9 patch windows (mapped back through the crop's scale and flip)."""
+    picture = image.resize((size, size))
+    draw, sx, sy = ImageDraw.Draw(picture), size / image.width, size / image.height
+    for view, colour in zip(views, ("red", "blue")):
+        x0, y0, x1, y1 = view["box"]
+        draw.rectangle((x0 * sx, y0 * sy, x1 * sx, y1 * sy), outline=colour, width=2)
+    for jigsaw, colour in zip(jigsaws, ("yellow", "lime")):
+        x0, y0, x1, y1 = jigsaw["box"]
+        draw.rectangle((x0 * sx, y0 * sy, x1 * sx, y1 * sy), outline=colour, width=2)
+        side, p = jigsaw["crop"].width, jigsaw["patches"].shape[-1]
+        ux, uy = (x1 - x0) / side * sx, (y1 - y0) / side * sy  # picture pixels per crop pixel
+        for wy, wx in jigsaw["windows"].tolist():
+            wx = side - wx - p if jigsaw["flipped"] else wx
+            draw.rectangle((x0 * sx + wx * ux, y0 * sy + wy * uy, x0 * sx + (wx + p) * ux, y0 * sy + (wy + p) * uy),
+                           outline=colour)
+    return picture
+
+
+def write_preview(dataset, args, cell=128):
+    """Per sample: original with crop regions | view q | view k | patch set q | patch set k (slot order)."""
+    columns = ["original: crops", "view q (red)", "view k (blue)", "patches q (yellow)", "patches k (lime)"]
+    sheet = Image.new("RGB", (cell * len(columns), 16 + cell * args.preview), "white")
+    draw = ImageDraw.Draw(sheet)
+    for c, name in enumerate(columns):
+        draw.text((c * cell + 4, 2), name, fill="black")
+    tile = (cell - 4) // 3
+    for row in range(args.preview):
+        image, views, jigsaws = dataset.sample(row)
+        top = 16 + row * cell
+        sheet.paste(draw_regions(image, views, jigsaws, cell), (0, top))
+        for c, view in enumerate(views):
+            sheet.paste(to_picture(view["view"], cell), ((1 + c) * cell, top))
+        for c, jigsaw in enumerate(jigsaws):
+            for slot, (patch, source_cell) in enumerate(zip(jigsaw["patches"], jigsaw["perm"].tolist())):
+                x, y = (3 + c) * cell + 2 + (slot % 3) * tile, top + 2 + (slot // 3) * tile
+                sheet.paste(to_picture(patch, tile - 2), (x, y))
+                draw.text((x + 2, y + 1), str(source_cell), fill="yellow")  # the cell this slot came from
+    path = os.path.join(args.output_dir, "preview.png")
+    sheet.save(path)
+    print(f"wrote {path}")
+
+
+# ---------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------
+
+
+def main(args):
+    setup_distributed(args)
+    os.makedirs(args.output_dir, exist_ok=True)
+    source = open_source(args.data, 128 if args.tiny else 5000, args.image_size * 8 // 7, min_side=args.image_size)
+    dataset = GlobalLocalViews(source, args)
+    if args.preview:
+        return write_preview(dataset, args) if args.is_main else None
+    seed_everything(args.seed)
+    model = DetCo(args).to(args.device)
+    if args.device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=args.lr_actual, momentum=0.9, weight_decay=args.wd)
+    start_epoch = load_checkpoint(model, optimizer, args)
+    if args.is_main:
+        count = lambda module: sum(p.numel() for p in module.parameters())
+        print(f"world size {args.world_size}, device {args.device}, global batch {args.batch_size}, "
+              f"lr {args.lr_actual:.4f} (= {args.lr} x {args.batch_size}/256), {len(dataset)} images, "
+              f"backbone {count(model.encoder_q.backbone) / 1e6:.2f}M params; jigsaw crop/cell/patch "
+              f"{'/'.join(map(str, local_sizes(args.image_size)))} px")
+        for kind, heads in (("global", model.encoder_q.global_heads), ("local", model.encoder_q.local_heads)):
+            print(f"{kind} heads {sum(map(count, heads)) / 1e6:.2f}M params: "
+                  + ", ".join(f"{level} {count(head):,}" for level, head in zip(LEVELS, heads)))
+    ddp_model = model
+    if args.world_size > 1:  # the queue is identical on every rank already: do not broadcast buffers
+        ddp_model = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+    sampler = torch.utils.data.DistributedSampler(dataset, args.world_size, args.rank, seed=args.seed, drop_last=True)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size // args.world_size, sampler=sampler,
+                                         num_workers=args.workers, pin_memory=args.device.type == "cuda", drop_last=True)
+    if len(loader) == 0:
+        raise SystemExit(f"error: {len(dataset)} images give no full batch of {args.batch_size}")
+    log = make_logger(args)
+    for epoch in range(start_epoch, args.epochs):
+        seed_everything(args.seed + 1000 * (epoch + 1) + args.rank)
+        sampler.set_epoch(epoch)
+        stats = train_one_epoch(ddp_model, loader, optimizer, epoch, args, log)
+        if args.is_main:
+            save_checkpoint(model, optimizer, epoch + 1, args)
+            log({"epoch": epoch, **stats})
+    if args.world_size > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(get_args())

@@ -1,0 +1,532 @@
+"""DUPR: Deeply Unsupervised Patch Re-ID for Pre-training Object Detectors.
+
+Ding, Xie, Xu, Jiang, Li, Luo, Xia, TPAMI (../shared/papers/dupr_paper.txt, sec. 3.2).
+No official code was released; every choice the paper leaves open is a NOTE below.
+
+Idea: MoCo v2 whose contrast is (1) image-level on four backbone levels conv2_x..conv5_x
+(sec. 3.2.2) and (2) patch Re-ID (sec. 3.2.1): the intersection B of the two crops is cut
+into an S x S grid in each view with RoIAlign; the patch at grid position p in view 1 and
+the patch at p in view 2 show the same part of the original image and are a positive
+pair; patches of other images (a queue per level) are the negatives. Positives are found
+by geometry, not by feature similarity, so the feature maps learn to tell places apart.
+
+    python dupr.py --tiny                                    # toy world, CPU, ~3 minutes
+    python dupr.py --tiny --preview 8                        # both views, B and its S x S grid
+    torchrun --nproc_per_node=8 dupr.py --data /imagenet
+    torchrun --nnodes=2 --node_rank=0 --master_addr=HOST --master_port=29500 \\
+        --nproc_per_node=8 dupr.py --data /imagenet
+
+Recipe (defaults, the paper's ablation setting, sec. 3.2.3): MoCo v2 augmentation,
+ResNet-50, loss eq. 2 with alpha = (0.1, 0.4, 0.7, 1.0) on conv2..conv5 and
+beta = (0, 0, 1, 1), S = 14 on conv4_x and 7 on conv5_x, tau 0.2, one queue of
+K = 65536 per loss term, 32 patch keys enqueued per step, m 0.999, lr 0.06 per 256,
+cosine, 200 epochs.
+Expected (paper Table VII b, this recipe): VOC07+12 Faster R-CNN R50-C4 AP 58.5 / AP50 83.2
+/ AP75 65.2; COCO Mask R-CNN R50-FPN 1x AP_bb 40.0 / AP_mk 36.2 (MoCo v2: 57.0 / 38.9).
+The main table (VOC AP 59.0) adds RandAugment and tau 0.15.
+
+NOTE: S. Sec. 3.2.3 once says "S on conv5_x and conv4_x are 14 and 7", but the same
+paragraph's memory-bank text, sec. 4.5.3 and Table VII say S = 7 on conv5_x and 14 on
+conv4_x (S = the feature map's side at 224 px); we follow the latter. conv2/conv3 default
+to their map sides (56, 28) by the same rule; they are used only if beta > 0 there.
+NOTE: eq. 7 sums over positions p; a level's patch loss here is the MEAN over all valid
+(image, position) queries of the batch, so conv4 (196 cells) and conv5 (49) weigh alike.
+NOTE: heads. h^(m) (image): global average pool -> Linear(C, C) -> ReLU -> Linear(C, 128),
+MoCo v2's head, one per level. g^(m) (patch): the paper's "pixel-wise MLP implemented by a
+1x1 convolution", read as Conv1x1(C, C) -> ReLU -> Conv1x1(C, 128), on the RoIAlign output.
+Every embedding is L2-normalised (per position for patches). g_2, h_2 are the momentum copies.
+NOTE: the loss is asymmetric (view 1 = query, view 2 = key), as MoCo v2.
+NOTE: patch negatives are the queue only (eq. 7), not other cells of the batch.
+NOTE: "we sample 32 patch features per batch": each process enqueues --patch-enqueue 32 key
+patch vectors per patch level and step, drawn uniformly without replacement from the valid
+(image, position) pairs of its local batch (so 8 GPUs enqueue 256 per step).
+NOTE: "no overlap" includes a degenerate intersection less than one original pixel wide or
+tall. Such a pair adds no patch loss and no patch keys; its image loss is kept. The share
+of such pairs is logged (`no_overlap`; the paper saw 51 of 1472).
+NOTE: the geometry. Each view records its crop box in original pixels and its flip flag.
+B is mapped into a view by x' = (x - crop_x1) * view_w / crop_w, then mirrored for a flipped
+view (x' -> view_w - x', endpoints swapped); the S x S RoIAlign output of a flipped view is
+reversed along its width, so cell (r, c) covers the same original pixels in both views
+(`intersection_in_views`, `roi_grid`; test_dupr_geometry checks it on coordinate images).
+NOTE: a level whose alpha (beta) is 0 has no image (patch) head and no queue.
+NOTE: cost. Eq. 7 makes each of the N x S*S cells a query against the whole queue: at K 65536
+and 32 images per GPU the conv4 patch logits are 7840 x 65537 (2.1 GB fp32 per copy), about 25%
+more FLOPs than a MoCo v2 step; the 1x1-conv patch heads add about 11% (README_dupr.md).
+NOTE: RoIAlign reads fp32 features: under bf16 autocast the box coordinates (via
+common.roi_align_boxes, which casts them to the features' dtype) would round by up to 0.5 px.
+"""
+import argparse
+import copy
+import json
+import math
+import os
+import random
+import resource
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision.transforms as T
+import torchvision.transforms.functional as TF
+from PIL import Image, ImageDraw, ImageFilter
+
+from common import (IMAGENET_MEAN, IMAGENET_STD, MomentumQueue, ResNetTrunk, ema_update, open_source,
+                    roi_align_boxes, shuffled_key_forward)
+
+# ---------------------------------------------------------------------------------------
+# Arguments
+# ---------------------------------------------------------------------------------------
+
+# dilo.py's TINY with two changes. NOTE: every queue gets 32 keys a step, so 96 keys are the last
+# 3 steps, and an epoch of the 128 toy images is 4: no queue ever holds an image's own older keys
+# as negatives (dilo's 256 holds two of each). roi_size = the feature maps' sides at 64 px
+# (sec. 4.5.3: a larger S "will not acquire more useful information"; S = 14 on a 4 x 4 map
+# made a tiny step 1.6x slower).
+TINY = dict(data="synthetic", arch="resnet18", image_size=64, batch_size=32, queue_size=96, bn_batch=8,
+            epochs=12, workers=2, lr=0.3, ema=0.99, print_freq=2, roi_size=[16, 8, 4, 2])
+LEVELS = ("conv2", "conv3", "conv4", "conv5")  # ResNetTrunk outputs, strides 4, 8, 16, 32
+
+
+def get_args(argv=None):
+    parser = argparse.ArgumentParser(description="DUPR pretraining", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--data", default="synthetic", help="image folder (ImageNet layout aware) or 'synthetic'")
+    parser.add_argument("--arch", default="resnet50", help="torchvision ResNet: resnet18/34/50/101/152")
+    parser.add_argument("--epochs", type=int, default=200)
+    parser.add_argument("--batch-size", type=int, default=256, help="global batch over all processes")
+    parser.add_argument("--lr", type=float, default=0.06, help="base lr per 256 images (scaled linearly)")
+    parser.add_argument("--wd", type=float, default=1e-4, help="weight decay")
+    parser.add_argument("--workers", type=int, default=8, help="data loader workers per process")
+    parser.add_argument("--image-size", type=int, default=224, help="view size, pixels")
+    parser.add_argument("--queue-size", type=int, default=65536, help="K, keys in the queue")
+    parser.add_argument("--temperature", type=float, default=0.2, help="tau of InfoNCE")
+    parser.add_argument("--ema", type=float, default=0.999, help="m, key encoder momentum")
+    parser.add_argument("--bn-batch", type=int, default=32, help="samples per shuffle-BN chunk (per-GPU batch of the paper)")
+    parser.add_argument("--output-dir", default="runs/dupr")
+    parser.add_argument("--resume", default="auto", help="'auto' (output-dir/checkpoint.pth if present), a path, or 'none'")
+    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on for CUDA)")
+    parser.add_argument("--print-freq", type=int, default=10, help="iterations between log lines")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=0, help="cap on iterations per epoch (0 = full epoch)")
+    parser.add_argument("--tiny", action="store_true", help="CPU-sized recipe: " + " ".join(f"{k}={v}" for k, v in TINY.items()))
+    parser.add_argument("--preview", type=int, default=0, help="write output-dir/preview.png with N samples, then exit")
+    # DUPR (sec. 3.2, eq. 2; Tables VI-VII). Each list has one value per level conv2..conv5.
+    parser.add_argument("--alpha", type=float, nargs=4, default=[0.1, 0.4, 0.7, 1.0],
+                        help="alpha_m, image-level loss weights (eq. 2); 0 = no head, no queue")
+    parser.add_argument("--beta", type=float, nargs=4, default=[0.0, 0.0, 1.0, 1.0],
+                        help="beta_m, patch-level loss weights (eq. 2); 0 = no head, no queue")
+    parser.add_argument("--roi-size", type=int, nargs=4, default=[56, 28, 14, 7],
+                        help="S, side of the RoIAlign grid per level (used where beta > 0)")
+    parser.add_argument("--patch-enqueue", type=int, default=32,
+                        help="key patch vectors enqueued per process, patch level and step")
+    args = parser.parse_args(argv)
+    if args.tiny:  # the tiny recipe replaces defaults only: explicit flags still win
+        parser.set_defaults(**TINY)
+        args = parser.parse_args(argv)
+    if min(args.alpha + args.beta) < 0 or max(args.alpha + args.beta) == 0 or min(args.roi_size) < 1:
+        raise SystemExit("error: --alpha/--beta must be >= 0 with at least one > 0, and --roi-size >= 1")
+    return args
+
+
+# ---------------------------------------------------------------------------------------
+# Data: MoCo v2 views that remember their crop box and flip (sec. 3.2.1, eq. 3)
+# ---------------------------------------------------------------------------------------
+
+
+class RandomGaussianBlur:  # Same as in dilo.py
+    """MoCo v2's blur: PIL Gaussian blur with sigma ~ U(0.1, 2.0)."""
+
+    def __call__(self, image):
+        return image.filter(ImageFilter.GaussianBlur(radius=float(torch.empty(()).uniform_(0.1, 2.0))))
+
+
+class MoCoV2ViewWithBox:
+    """MoCo v2's augmentation of one view (same order, same parameters) that also returns R_v,
+    the crop box in original pixels (x1, y1, x2, y2), and whether the view was flipped.
+
+    `size` is an int or (height, width). colour=False skips jitter/grayscale/blur (geometry test).
+    """
+
+    def __init__(self, size, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), colour=True):
+        self.size = [size, size] if isinstance(size, int) else list(size)
+        self.scale, self.ratio = scale, ratio
+        self.colour = T.Compose([
+            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+            T.RandomGrayscale(p=0.2),
+            T.RandomApply([RandomGaussianBlur()], p=0.5)]) if colour else (lambda image: image)
+
+    def __call__(self, image):
+        top, left, height, width = T.RandomResizedCrop.get_params(image, self.scale, self.ratio)
+        view = TF.resized_crop(image, top, left, height, width, self.size, antialias=True)
+        view = self.colour(view)
+        flipped = bool(torch.rand(()) < 0.5)  # RandomHorizontalFlip, recorded
+        if flipped:
+            view = TF.hflip(view)
+        return view, (left, top, left + width, top + height), flipped
+
+
+class TwoViewsWithBoxes(torch.utils.data.Dataset):
+    """Item -> (view_q, view_k, crop_q (4,), crop_k (4,), flip_q, flip_k): crops in original pixels."""
+
+    def __init__(self, source, args):
+        self.source = source
+        self.augment = MoCoV2ViewWithBox(args.image_size)
+        self.to_tensor = T.Compose([T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+    def __len__(self):
+        return len(self.source)
+
+    def sample(self, index):
+        image, _ = self.source[index]
+        return image, [self.augment(image) for _ in range(2)]
+
+    def __getitem__(self, index):
+        _, ((view_q, crop_q, flip_q), (view_k, crop_k, flip_k)) = self.sample(index)
+        return (self.to_tensor(view_q), self.to_tensor(view_k), torch.tensor(crop_q, dtype=torch.float32),
+                torch.tensor(crop_k, dtype=torch.float32), torch.tensor(flip_q), torch.tensor(flip_k))
+
+
+def intersection_in_views(crop_1, crop_2, flip_1, flip_2, size_1, size_2):
+    """Eq. 4 and T_1, T_2 (sec. 3.2.1): the intersection B of the crops, in each view's pixels.
+
+    crop_v: (N, 4) R_v xyxy in original pixels; flip_v: (N,) bool; size_v: (width, height) of
+    view v. Returns B_1, B_2 (N, 4) xyxy in view pixels, x1 < x2 also in flipped views, and
+    valid (N,): False where the crops overlap by less than a pixel (B_v is then the whole
+    view, a placeholder that keeps RoIAlign well defined; those pairs are masked out).
+    """
+    B = torch.cat([torch.maximum(crop_1[:, :2], crop_2[:, :2]), torch.minimum(crop_1[:, 2:], crop_2[:, 2:])], 1)
+    valid = (B[:, 2] - B[:, 0] >= 1) & (B[:, 3] - B[:, 1] >= 1)  # (N,)
+    views = []
+    for crop, flipped, (width, height) in ((crop_1, flip_1, size_1), (crop_2, flip_2, size_2)):
+        scale = B.new_tensor([width, height]) / (crop[:, 2:] - crop[:, :2])  # (N, 2) view px per original px
+        box = (B - crop[:, :2].repeat(1, 2)) * scale.repeat(1, 2)  # (N, 4) x' = (x - crop_x1) * view_w / crop_w
+        mirrored = torch.stack([width - box[:, 2], box[:, 1], width - box[:, 0], box[:, 3]], 1)  # x' -> w - x'
+        box = torch.where(flipped[:, None], mirrored, box)
+        views.append(torch.where(valid[:, None], box, B.new_tensor([0, 0, width, height])))
+    return views[0], views[1], valid
+
+
+def roi_grid(features, boxes, flipped, S, stride):
+    """RoIAlign(f(I_v), B_v) of eq. 5-6 -> (N, C, S, S), read in original-image orientation:
+    a flipped view's grid is reversed along its width, so that cell (r, c) covers the same
+    original pixels in both views."""
+    grid = roi_align_boxes(features.float(), boxes, S, stride)  # (N, C, S, S); fp32: exact boxes under bf16
+    return torch.where(flipped[:, None, None, None], grid.flip(-1), grid)
+
+
+# ---------------------------------------------------------------------------------------
+# Model: f = ResNet; h^(m) image heads, g^(m) patch heads; key encoder; one queue per term
+# ---------------------------------------------------------------------------------------
+
+
+def mlp_head(C, dim=128):
+    return nn.Sequential(nn.Linear(C, C), nn.ReLU(inplace=True), nn.Linear(C, dim))
+
+
+class Encoder(nn.Module):
+    def __init__(self, arch, alpha, beta, roi_size, dim=128):
+        super().__init__()
+        self.backbone = ResNetTrunk(arch)
+        C = dict(zip(LEVELS, self.backbone.channels))
+        self.stride, self.S = dict(zip(LEVELS, self.backbone.strides)), dict(zip(LEVELS, roi_size))
+        self.image_heads = nn.ModuleDict({m: mlp_head(C[m], dim) for m, a in zip(LEVELS, alpha) if a > 0})
+        self.patch_heads = nn.ModuleDict({m: nn.Sequential(  # pixel-wise MLP as 1x1 convolutions (eq. 5)
+            nn.Conv2d(C[m], C[m], 1), nn.ReLU(inplace=True), nn.Conv2d(C[m], dim, 1))
+            for m, b in zip(LEVELS, beta) if b > 0})
+
+    def forward(self, x, boxes, flipped):
+        """x (N, 3, H, W); boxes (N, 4) B in this view's pixels -> tuple of the image embeddings
+        v^(m) (N, 128) for each image head, then the patch embeddings r^(m) (N, S*S, 128)."""
+        features = dict(zip(LEVELS, self.backbone(x)))  # conv2..conv5, (N, C_m, H/stride, W/stride)
+        v = [F.normalize(head(features[m].mean(dim=(2, 3))), dim=1) for m, head in self.image_heads.items()]
+        r = []
+        for m, head in self.patch_heads.items():
+            grid = roi_grid(features[m], boxes, flipped, self.S[m], self.stride[m])  # (N, C, S, S)
+            r.append(F.normalize(head(grid), dim=1).flatten(2).transpose(1, 2))  # (N, S*S, 128)
+        return tuple(v + r)
+
+
+class DUPR(nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        self.args = args
+        self.encoder_q = Encoder(args.arch, args.alpha, args.beta, args.roi_size)
+        self.encoder_k = copy.deepcopy(self.encoder_q).requires_grad_(False)
+        # NOTE: sec. 3.2.3, "a unique memory bank for each ... contrastive loss in eq. 2"
+        self.image_queues = nn.ModuleDict({m: MomentumQueue(args.queue_size) for m in self.encoder_q.image_heads})
+        self.patch_queues = nn.ModuleDict({m: MomentumQueue(args.queue_size) for m in self.encoder_q.patch_heads})
+
+    def forward(self, im_q, im_k, crop_q, crop_k, flip_q, flip_k):
+        size_q, size_k = (im_q.shape[-1], im_q.shape[-2]), (im_k.shape[-1], im_k.shape[-2])  # (width, height)
+        B_q, B_k, valid = intersection_in_views(crop_q, crop_k, flip_q, flip_k, size_q, size_k)
+        q = self.encoder_q(im_q, B_q, flip_q)  # v^(m) (N, 128) per image level, then r^(m) (N, S*S, 128)
+        ema_update(self.encoder_k, self.encoder_q, self.args.ema)
+        # Shuffle BN: the boxes and flips travel with their images; only embeddings come back.
+        k = shuffled_key_forward(self.encoder_k, (im_k, B_k, flip_k), self.args.bn_batch)
+        k = k if isinstance(k, tuple) else (k,)
+        images = list(enumerate(self.image_queues.items()))  # (index into q and k, (m, queue))
+        patches = list(enumerate(self.patch_queues.items(), start=len(images)))
+        tau, terms = self.args.temperature, {}
+        for i, (m, queue) in images:  # eq. 8; clone: enqueue writes in place
+            terms[f"image_{m}"], terms[f"acc_image_{m}"] = info_nce(q[i], k[i], queue.keys.clone(), tau)
+        for i, (m, queue) in patches:  # eq. 7
+            terms[f"patch_{m}"], terms[f"acc_patch_{m}"] = patch_info_nce(q[i], k[i], valid, queue.keys.clone(), tau)
+        alpha, beta = dict(zip(LEVELS, self.args.alpha)), dict(zip(LEVELS, self.args.beta))
+        loss = (sum(alpha[m] * terms[f"image_{m}"] for _, (m, _) in images)  # eq. 2
+                + sum(beta[m] * terms[f"patch_{m}"] for _, (m, _) in patches))
+        for i, (m, queue) in images:
+            queue.enqueue(k[i])
+        for i, (m, queue) in patches:
+            queue.enqueue(sample_patch_keys(k[i], valid, self.args.patch_enqueue))
+        terms = {name: value.detach() for name, value in terms.items()}
+        return loss, {"loss": loss.detach(), **terms, "no_overlap": 1 - valid.float().mean()}
+
+
+def sample_patch_keys(r_k, valid, n):
+    """Sec. 3.2.3: n key patch vectors drawn uniformly without replacement from the valid
+    (image, position) pairs -- "most patch features from a single image are similar"."""
+    keys = r_k[valid].flatten(0, 1)  # (n_valid * S*S, 128)
+    return keys[torch.randperm(len(keys), device=keys.device)[:n]]  # (min(n, n_valid * S*S), 128)
+
+
+# ---------------------------------------------------------------------------------------
+# Loss
+# ---------------------------------------------------------------------------------------
+
+
+def info_nce(q, k, queue, tau):  # Same as in dilo.py, detco.py, insloc.py
+    """InfoNCE (MoCo eq. 1) in fp32. q, k: (N, D) positives row by row; queue: (K, D)."""
+    q, k = q.float(), k.float()
+    l_pos = (q * k).sum(dim=1, keepdim=True)  # (N, 1)
+    l_neg = q @ queue.t()  # (N, K)
+    logits = torch.cat([l_pos, l_neg], dim=1) / tau  # (N, 1 + K); the positive is class 0
+    target = torch.zeros(len(q), dtype=torch.long, device=q.device)
+    acc = (l_pos[:, 0] > l_neg.max(dim=1).values).float().mean()  # ties count as wrong
+    return F.cross_entropy(logits, target), acc
+
+
+def patch_info_nce(r_q, r_k, valid, queue, tau):
+    """Eq. 7, averaged: every valid (image, position p) is one query r_1,p with its positive r_2,p.
+
+    r_q, r_k: (N, S*S, D) with cell p at the same original place in both; valid: (N,) bool.
+    """
+    if not valid.any():  # no pair overlaps: no patch loss, but keep the head in the graph (DDP)
+        return 0.0 * r_q.sum(), r_q.new_zeros(())
+    return info_nce(r_q[valid].flatten(0, 1), r_k[valid].flatten(0, 1), queue, tau)  # (n_valid * S*S, D)
+
+
+# ---------------------------------------------------------------------------------------
+# Training loop
+# ---------------------------------------------------------------------------------------
+
+
+def train_one_epoch(model, loader, optimizer, epoch, args, log):  # Same as in dilo.py, detco.py, insloc.py
+    """One epoch (or --steps iterations): cosine lr per iteration, bf16 autocast, NaN guard, logs."""
+    model.train()
+    steps = min(args.steps, len(loader)) if args.steps else len(loader)
+    sums, start = {}, time.time()
+    end = start
+    for it, batch in enumerate(loader):
+        if it == steps:
+            break
+        data_time = time.time() - end
+        lr = args.lr_actual * 0.5 * (1 + math.cos(math.pi * (epoch + it / steps) / args.epochs))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        batch = [t.to(args.device, non_blocking=True) for t in batch]
+        if args.device.type == "cuda":  # NHWC convolutions are faster under bf16
+            batch = [t.to(memory_format=torch.channels_last) if t.dim() == 4 else t for t in batch]
+        with torch.autocast(args.device.type, dtype=torch.bfloat16, enabled=args.amp):
+            loss, terms = model(*batch)
+        if not math.isfinite(loss.item()):
+            raise SystemExit(f"error: loss is {loss.item()} at epoch {epoch} iteration {it}; "
+                             f"the last good checkpoint in {args.output_dir} is kept")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        terms = {name: float(value) for name, value in terms.items()}
+        for name, value in terms.items():
+            sums[name] = sums.get(name, 0.0) + value
+        step_time, end = time.time() - end, time.time()
+        if it % args.print_freq == 0 or it == steps - 1:
+            log({"epoch": epoch, "iteration": it, "steps": steps, "lr": lr, **terms,
+                 "img_per_s": args.batch_size / step_time, "data_time": data_time, "step_time": step_time,
+                 "eta_s": (time.time() - start) / (it + 1) * (steps - it - 1), "memory_mb": peak_memory_mb(args)})
+    return {name: value / steps for name, value in sums.items()}
+
+
+# ---------------------------------------------------------------------------------------
+# Plumbing: distributed setup, checkpoints, logging, preview. Same as in dilo.py.
+# ---------------------------------------------------------------------------------------
+
+
+def setup_distributed(args):
+    args.world_size, args.rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    if torch.cuda.is_available():
+        args.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(args.device)
+    else:
+        args.device = torch.device("cpu")
+    if args.world_size > 1:
+        dist.init_process_group("nccl" if args.device.type == "cuda" else "gloo")
+    if args.batch_size % args.world_size:
+        raise SystemExit(f"error: --batch-size {args.batch_size} does not divide by the world size {args.world_size}")
+    args.is_main = args.rank == 0
+    args.amp = args.device.type == "cuda" if args.amp is None else args.amp
+    args.lr_actual = args.lr * args.batch_size / 256
+
+
+def seed_everything(seed):
+    """Every epoch reseeds from (seed, epoch, rank), so a resumed run replays the same randomness."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+def peak_memory_mb(args):
+    if args.device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def make_logger(args):
+    def log(record):
+        if not args.is_main:
+            return
+        with open(os.path.join(args.output_dir, "log.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if "iteration" in record:
+            terms = " ".join(f"{k} {v:.4f}" for k, v in record.items() if k not in (
+                "epoch", "iteration", "steps", "lr", "img_per_s", "data_time", "step_time", "eta_s", "memory_mb"))
+            print(f"epoch {record['epoch']} [{record['iteration'] + 1}/{record['steps']}] "
+                  f"eta {record['eta_s'] / 60:.1f} min lr {record['lr']:.5f} {terms} "
+                  f"{record['img_per_s']:.1f} img/s data {100 * record['data_time'] / record['step_time']:.0f}% "
+                  f"mem {record['memory_mb']:.0f} MB", flush=True)
+        else:
+            print("epoch summary " + json.dumps(record), flush=True)
+    return log
+
+
+def load_checkpoint(model, optimizer, args):
+    path = os.path.join(args.output_dir, "checkpoint.pth") if args.resume == "auto" else args.resume
+    if args.resume == "none" or not os.path.exists(path):
+        if args.resume not in ("auto", "none"):
+            raise SystemExit(f"error: --resume {path}: no such file")
+        return 0
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if checkpoint.get("method") != "dupr" or checkpoint["args"]["arch"] != args.arch:
+        raise SystemExit(f"error: {path} is a {checkpoint.get('method')} {checkpoint['args']['arch']} checkpoint, "
+                         f"not dupr {args.arch}; use another --output-dir or --resume none")
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    if args.is_main:
+        print(f"resumed from {path} (epoch {checkpoint['epoch']} done)")
+    return checkpoint["epoch"]
+
+
+def save_checkpoint(model, optimizer, epoch, args):
+    """checkpoint.pth (everything to resume) and backbone.pth (torchvision keys), atomically."""
+    state = {"method": "dupr", "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, type(None)))}}
+    for name, obj in (("checkpoint.pth", state), ("backbone.pth", model.encoder_q.backbone.state_dict())):
+        path = os.path.join(args.output_dir, name)
+        torch.save(obj, path + ".tmp")
+        os.replace(path + ".tmp", path)
+
+
+def to_picture(tensor, size):
+    """A normalised (3, H, W) view back to a PIL image."""
+    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
+    array = ((tensor * std + mean).clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
+    return Image.fromarray(array).resize((size, size))
+
+
+def write_preview(dataset, args, cell=160):
+    """Per sample: the original with R_q (red), R_k (blue) and B (yellow); each view with B_v
+    and its S x S grid (S of the last patch level); the dot marks grid cell (0, 0), the top-left
+    of B in the original, which a flipped view shows at the top-right."""
+    S = ([S for S, b in zip(args.roi_size, args.beta) if b > 0] or [1])[-1]
+    columns = ["original: R_q, R_k, B", "view q: B_q, S x S", "view k: B_k, S x S"]
+    sheet = Image.new("RGB", (cell * len(columns), 16 + cell * args.preview), "white")
+    draw = ImageDraw.Draw(sheet)
+    for c, name in enumerate(columns):
+        draw.text((c * cell + 4, 2), name, fill="black")
+    for row in range(args.preview):
+        image, views = dataset.sample(row)
+        top = 16 + row * cell
+        sheet.paste(image.resize((cell, cell)), (0, top))
+        crops = torch.tensor([crop for _, crop, _ in views], dtype=torch.float32)[:, None]  # (2, 1, 4)
+        flips = torch.tensor([[flipped] for _, _, flipped in views])  # (2, 1)
+        B_q, B_k, valid = intersection_in_views(crops[0], crops[1], flips[0], flips[1], (cell, cell), (cell, cell))
+        scale = torch.tensor([cell / image.width, cell / image.height] * 2)
+        B = torch.cat([crops[:, 0, :2].max(0).values, crops[:, 0, 2:].min(0).values])
+        for box, colour in ((crops[0, 0], "red"), (crops[1, 0], "blue")) + (((B, "yellow"),) if valid else ()):
+            draw.rectangle((box * scale + torch.tensor([0, top, 0, top])).tolist(), outline=colour, width=2)
+        for c, ((view, _, flipped), box) in enumerate(zip(views, (B_q[0], B_k[0])), start=1):
+            sheet.paste(to_picture(dataset.to_tensor(view), cell), (c * cell, top))
+            draw.text((c * cell + 4, top + 4), "flipped" if flipped else "not flipped", fill="yellow")
+            if not valid:
+                draw.text((c * cell + 4, top + 16), "no overlap: no patch loss", fill="red")
+                continue
+            x1, y1, x2, y2 = (box + torch.tensor([c * cell, top, c * cell, top])).tolist()
+            for i in range(S + 1):  # the S x S grid of B_v
+                x, y = x1 + (x2 - x1) * i / S, y1 + (y2 - y1) * i / S
+                draw.line((x, y1, x, y2), fill="yellow")
+                draw.line((x1, y, x2, y), fill="yellow")
+            cx = x2 - (x2 - x1) / (2 * S) if flipped else x1 + (x2 - x1) / (2 * S)
+            cy = y1 + (y2 - y1) / (2 * S)
+            draw.ellipse((cx - 3, cy - 3, cx + 3, cy + 3), fill="red")
+    path = os.path.join(args.output_dir, "preview.png")
+    sheet.save(path)
+    print(f"wrote {path}")
+
+
+# ---------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------
+
+
+def main(args):  # Same as in dilo.py (method names only)
+    setup_distributed(args)
+    os.makedirs(args.output_dir, exist_ok=True)
+    source = open_source(args.data, 128 if args.tiny else 5000, args.image_size * 8 // 7, min_side=args.image_size)
+    dataset = TwoViewsWithBoxes(source, args)
+    if args.preview:
+        return write_preview(dataset, args) if args.is_main else None
+    seed_everything(args.seed)
+    model = DUPR(args).to(args.device)
+    if args.device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=args.lr_actual, momentum=0.9, weight_decay=args.wd)
+    start_epoch = load_checkpoint(model, optimizer, args)
+    if args.is_main:
+        count = lambda module: sum(p.numel() for p in module.parameters())
+        print(f"world size {args.world_size}, device {args.device}, global batch {args.batch_size}, "
+              f"lr {args.lr_actual:.4f} (= {args.lr} x {args.batch_size}/256), {len(dataset)} images, "
+              f"backbone {count(model.encoder_q.backbone) / 1e6:.2f}M, heads " + ", ".join(
+                  f"{kind} {m} {count(head) / 1e6:.2f}M" for kind, heads in (("image", model.encoder_q.image_heads),
+                  ("patch", model.encoder_q.patch_heads)) for m, head in heads.items()) + " params")
+    ddp_model = model
+    if args.world_size > 1:  # the queues are identical on every rank already: do not broadcast buffers
+        ddp_model = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+    sampler = torch.utils.data.DistributedSampler(dataset, args.world_size, args.rank, seed=args.seed, drop_last=True)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size // args.world_size, sampler=sampler,
+                                         num_workers=args.workers, pin_memory=args.device.type == "cuda", drop_last=True)
+    if len(loader) == 0:
+        raise SystemExit(f"error: {len(dataset)} images give no full batch of {args.batch_size}")
+    log = make_logger(args)
+    for epoch in range(start_epoch, args.epochs):
+        seed_everything(args.seed + 1000 * (epoch + 1) + args.rank)
+        sampler.set_epoch(epoch)
+        stats = train_one_epoch(ddp_model, loader, optimizer, epoch, args, log)
+        if args.is_main:
+            save_checkpoint(model, optimizer, epoch + 1, args)
+            log({"epoch": epoch, **stats})
+    if args.world_size > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(get_args())

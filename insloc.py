@@ -1,0 +1,526 @@
+"""InsLoc: Instance Localization for Self-supervised Detection Pretraining.
+
+Yang, Wu, Zhou, Lin, CVPR 2021 (../shared/papers/insloc_paper.txt, sections 3-4 and 5).
+
+Idea (sec. 4.1): paste a random crop of the foreground image at a random place and scale
+onto another image of the dataset, pool the features of its bounding box with RoIAlign, and
+contrast the RoI embeddings of the same instance pasted on two DIFFERENT backgrounds (MoCo).
+The pooled features must then describe what is inside the box, not its surroundings, which
+aligns features with boxes as a detector needs. Sec. 4.2: the query pools a jittered box,
+a random anchor overlapping the true box. Sec. 4.3: the RoI head is the detector's
+(R50-C4: res5 on RoIAlign of res4; R50-FPN: FPN + a 4conv1fc head on every level).
+
+    python insloc.py --tiny                                  # toy world, CPU, R18-C4
+    python insloc.py --tiny --variant fpn
+    torchrun --nproc_per_node=8 insloc.py --data /imagenet --variant c4
+    torchrun --nproc_per_node=8 insloc.py --data /imagenet --variant fpn --output-dir runs/insloc_fpn
+    torchrun --nnodes=2 --node_rank=0 --master_addr=HOST --master_port=29500 \\
+        --nproc_per_node=8 insloc.py --data /imagenet --variant fpn
+
+Recipe (defaults): canvas 256, foreground longer side in [128, 256), aspect ratios
+(1/3, 3) for C4 and (1/2, 2) for FPN (footnote 3); tau 0.2, K 65536, m 0.999, SGD lr 0.03
+per 256 with Nesterov momentum 0.9, wd 1e-4, cosine, 200 epochs, 32 images per GPU x 8.
+Expected (paper, 200 epochs): VOC07+12 Faster R-CNN R50-C4 AP 57.9 (MoCo v2 57.0, Table 1);
+COCO Mask R-CNN 2x AP^bb 41.4 (R50-C4) and 43.2 (R50-FPN) (Table 2).
+
+NOTE: the horizontal flip is applied to the composite before the colour augmentation (the
+spec lists it after); every colour operation is per pixel or mirror-symmetric, so the
+distribution is the same and sample() can return the final geometry.
+NOTE: the background is the whole other image stretched to the canvas (spec); its index
+differs from the foreground's and from the other view's background (footnote 2).
+NOTE: anchors (sec. 4.2) sit at the centres of a 16 x 16 grid and are clipped to the canvas,
+so the query never pools padding; the IoU is taken with the clipped anchors. If no anchor
+has IoU > 0.5, the best one is used. Candidates are thinned by NMS 0.7 over random scores,
+then one is drawn uniformly (the release). Done per sample in the data loader workers.
+NOTE: FPN: the query pools the augmented box on P5 only and the true box on P2..P4 (the
+release); the key always pools the true box. The shared head runs on the RoIs of all four
+levels as one batch (its BN sees them together, as a detector's box head does).
+NOTE: Nesterov momentum (spec, the release) where dilo.py uses plain momentum.
+NOTE: every pixel size (canvas 256, foreground [128, 256), anchors 32..256 on stride 16)
+scales with --image-size / 256: see pixel_sizes().
+"""
+import argparse
+import copy
+import json
+import math
+import os
+import random
+import resource
+import time
+from collections import OrderedDict
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+import torchvision.transforms as T
+from PIL import Image, ImageDraw, ImageFilter
+from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
+
+from common import (IMAGENET_MEAN, IMAGENET_STD, MomentumQueue, ResNetTrunk, ema_update, open_source,
+                    roi_align_boxes, shuffled_key_forward)
+
+# ---------------------------------------------------------------------------------------
+# Arguments
+# ---------------------------------------------------------------------------------------
+
+# NOTE: dilo.py's tiny recipe; a 64 px canvas scales every pixel size by 1/4 (foreground [32, 64)).
+TINY = dict(data="synthetic", arch="resnet18", image_size=64, batch_size=32, queue_size=256, bn_batch=8,
+            epochs=12, workers=2, lr=0.3, ema=0.99, print_freq=2)
+
+
+def get_args(argv=None):
+    parser = argparse.ArgumentParser(description="InsLoc pretraining", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--data", default="synthetic", help="image folder (ImageNet layout aware) or 'synthetic'")
+    parser.add_argument("--arch", default="resnet50", help="torchvision ResNet: resnet18/34/50/101/152")
+    parser.add_argument("--epochs", type=int, default=200)
+    parser.add_argument("--batch-size", type=int, default=256, help="global batch over all processes")
+    parser.add_argument("--lr", type=float, default=0.03, help="base lr per 256 images (scaled linearly)")
+    parser.add_argument("--wd", type=float, default=1e-4, help="weight decay")
+    parser.add_argument("--workers", type=int, default=8, help="data loader workers per process")
+    parser.add_argument("--image-size", type=int, default=256, help="canvas size, pixels")
+    parser.add_argument("--queue-size", type=int, default=65536, help="K, keys in the queue")
+    parser.add_argument("--temperature", type=float, default=0.2, help="tau of InfoNCE")
+    parser.add_argument("--ema", type=float, default=0.999, help="m, key encoder momentum")
+    parser.add_argument("--bn-batch", type=int, default=32, help="samples per shuffle-BN chunk (per-GPU batch of the paper)")
+    parser.add_argument("--output-dir", default="runs/insloc")
+    parser.add_argument("--resume", default="auto", help="'auto' (output-dir/checkpoint.pth if present), a path, or 'none'")
+    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on for CUDA)")
+    parser.add_argument("--print-freq", type=int, default=10, help="iterations between log lines")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=0, help="cap on iterations per epoch (0 = full epoch)")
+    parser.add_argument("--tiny", action="store_true", help="CPU-sized recipe: " + " ".join(f"{k}={v}" for k, v in TINY.items()))
+    parser.add_argument("--preview", type=int, default=0, help="write output-dir/preview.png with N samples, then exit")
+    # InsLoc (sec. 4.1-4.3)
+    parser.add_argument("--variant", default="c4", choices=["c4", "fpn"], help="detector the pretraining mimics (sec. 4.3)")
+    parser.add_argument("--box-aug", action=argparse.BooleanOptionalAction, default=True, help="query pools a random anchor with IoU > 0.5 (sec. 4.2)")
+    parser.add_argument("--fg-ratio", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
+                        help="foreground aspect ratio range w/h (default: 1/3 3 for c4, 1/2 2 for fpn; footnote 3)")
+    args = parser.parse_args(argv)
+    if args.tiny:  # the tiny recipe replaces defaults only: explicit flags still win
+        parser.set_defaults(**TINY)
+        args = parser.parse_args(argv)
+    if args.fg_ratio is None:
+        args.fg_ratio = [1 / 3, 3.0] if args.variant == "c4" else [1 / 2, 2.0]
+    return args
+
+
+# ---------------------------------------------------------------------------------------
+# Data: composition (sec. 4.1), bounding-box augmentation (sec. 4.2), MoCo v2 colour
+# ---------------------------------------------------------------------------------------
+
+
+def pixel_sizes(image_size):
+    """The paper's pixel sizes for a 256 canvas, scaled to `image_size` (the one place they live)."""
+    s = image_size / 256
+    return {"foreground": (round(128 * s), image_size),  # longer side in [lo, hi)
+            "anchor_stride": 16 * s, "anchor_sizes": [32 * s, 64 * s, 128 * s, 256 * s]}
+
+
+def make_anchors(image_size, aspect_ratios=(0.5, 0.75, 1.0, 1.5, 2.0)):
+    """RPN-style anchors (sec. 4.2): 16 x 16 positions x 4 sizes x 5 ratios (h/w), clipped -> (5120, 4)."""
+    sizes = pixel_sizes(image_size)
+    stride, scale = sizes["anchor_stride"], torch.tensor(sizes["anchor_sizes"])
+    ratio = torch.tensor(aspect_ratios).sqrt()
+    w, h = (scale[:, None] / ratio).flatten(), (scale[:, None] * ratio).flatten()  # (20,) same area per size
+    centres = (torch.arange(round(image_size / stride)) + 0.5) * stride  # (16,)
+    cy, cx = (c.reshape(-1, 1) for c in torch.meshgrid(centres, centres, indexing="ij"))  # (256, 1)
+    anchors = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1)  # (256, 20, 4)
+    return anchors.reshape(-1, 4).clamp(0, image_size)
+
+
+def augment_box(box, anchors, iou_threshold=0.5, nms_threshold=0.7):
+    """A random anchor with IoU > 0.5 with `box` (4,), or the best anchor if none (sec. 4.2)."""
+    iou = torchvision.ops.box_iou(box[None], anchors)[0]  # (A,)
+    candidates = anchors[iou > iou_threshold] if (iou > iou_threshold).any() else anchors[iou.argmax()][None]
+    # The release spreads the choice: NMS over random scores, then a uniform pick of the survivors.
+    kept = torchvision.ops.nms(candidates, torch.rand(len(candidates)), nms_threshold)
+    return candidates[kept[torch.randint(len(kept), ())]]
+
+
+class RandomGaussianBlur:  # Same as in dilo.py
+    """MoCo v2's blur: PIL Gaussian blur with sigma ~ U(0.1, 2.0)."""
+
+    def __call__(self, image):
+        return image.filter(ImageFilter.GaussianBlur(radius=float(torch.empty(()).uniform_(0.1, 2.0))))
+
+
+def colour_augmentation():
+    """MoCo v2 minus crop and flip (done by the composition), on the whole composite."""
+    return T.Compose([
+        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+        T.RandomGrayscale(p=0.2),
+        T.RandomApply([RandomGaussianBlur()], p=0.5),
+        T.ToTensor(),
+        T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+class InstanceComposition(torch.utils.data.Dataset):
+    """Item i -> (im_q, im_k, box_q, box_q_aug, box_k): image i pasted on two other images.
+
+    Boxes are (4,) xyxy canvas pixels; box_q_aug is the query's augmented box (= box_q
+    with --no-box-aug). An epoch visits every image once as the foreground.
+    """
+
+    def __init__(self, source, args):
+        if len(source) < 3:
+            raise SystemExit(f"error: InsLoc needs at least 3 images (a foreground, two backgrounds), got {len(source)}")
+        self.source, self.args, self.size = source, args, args.image_size
+        self.foreground_side = pixel_sizes(args.image_size)["foreground"]
+        self.anchors = make_anchors(args.image_size)  # (A, 4), shared by every sample
+        self.colour = colour_augmentation()
+
+    def __len__(self):
+        return len(self.source)
+
+    def load_background(self, index):
+        return self.source[index][0].resize((self.size, self.size), Image.BILINEAR)
+
+    def draw_backgrounds(self, index):
+        """Two distinct background indices, neither the foreground `index` (footnote 2)."""
+        chosen = []
+        while len(chosen) < 2:
+            b = int(torch.randint(len(self.source), ()))
+            if b != index and b not in chosen:
+                chosen.append(b)
+        return chosen
+
+    def compose(self, image, background_index):
+        """C(I, B) of eq. 3-4: a random crop of `image` hard-pasted on background B -> one view."""
+        S, (lo, hi) = self.size, self.foreground_side
+        i, j, h, w = T.RandomResizedCrop.get_params(image, scale=(0.2, 1.0), ratio=self.args.fg_ratio)
+        # Rescale, keeping the crop's aspect ratio, to fit a box with sides drawn in [lo, hi):
+        # the constraining side equals its draw, so the longer side lands in [lo, hi).
+        fit_w, fit_h = torch.randint(lo, hi, (2,)).tolist()
+        scale = min(fit_w / w, fit_h / h)
+        size = (max(1, round(w * scale)), max(1, round(h * scale)))
+        crop = image.resize(size, Image.BILINEAR, box=(j, i, j + w, i + h))
+        x, y = int(torch.randint(S - size[0] + 1, ())), int(torch.randint(S - size[1] + 1, ()))
+        composite = self.load_background(background_index)
+        composite.paste(crop, (x, y))  # hard paste, no blending
+        box = torch.tensor([x, y, x + size[0], y + size[1]], dtype=torch.float32)
+        flipped = bool(torch.rand(()) < 0.5)
+        if flipped:  # the box is mirrored with the canvas
+            composite = composite.transpose(Image.FLIP_LEFT_RIGHT)
+            box = torch.stack([S - box[2], box[1], S - box[0], box[3]])
+        return {"composite": composite, "box": box, "background": background_index, "crop": crop, "flipped": flipped}
+
+    def sample(self, index):
+        """-> foreground image, [view_q, view_k] (dicts from compose(), before colour augmentation)."""
+        image = self.source[index][0]
+        return image, [self.compose(image, b) for b in self.draw_backgrounds(index)]
+
+    def __getitem__(self, index):
+        _, (view_q, view_k) = self.sample(index)
+        box_q = view_q["box"]
+        box_q_aug = augment_box(box_q, self.anchors) if self.args.box_aug else box_q
+        return self.colour(view_q["composite"]), self.colour(view_k["composite"]), box_q, box_q_aug, view_k["box"]
+
+
+# ---------------------------------------------------------------------------------------
+# Model: encoders pool one box per FPN level (C4: one level), key encoder, one queue per level
+# ---------------------------------------------------------------------------------------
+
+
+class EncoderC4(nn.Module):
+    """R50-C4 (sec. 4.3): RoIAlign 14 x 14 on res4 -> res5 -> average pool -> MLP -> 128."""
+
+    levels = ["c4"]
+
+    def __init__(self, arch, dim=128):
+        super().__init__()
+        self.backbone = ResNetTrunk(arch)
+        C = self.backbone.channels[-1]
+        self.head = nn.Sequential(nn.Linear(C, C), nn.ReLU(inplace=True), nn.Linear(C, dim))
+
+    def forward(self, x, boxes):
+        """x (N, 3, S, S), boxes (N, 1, 4) canvas pixels -> (N, 1, 128)."""
+        c4 = self.backbone.forward_to_res4(x)  # (N, C/2, S/16, S/16)
+        roi = roi_align_boxes(c4, boxes[:, 0], 14, self.backbone.strides[2])  # (N, C/2, 14, 14)
+        r5 = self.backbone.layer4(roi)  # (N, C, 7, 7): res5 is the RoI head, as in the C4 detector
+        return F.normalize(self.head(r5.mean(dim=(2, 3))), dim=1)[:, None]  # (N, 1, 128)
+
+    def torchvision_state_dict(self):
+        return self.backbone.state_dict()
+
+
+class EncoderFPN(nn.Module):
+    """R50-FPN (sec. 4.3): RoIAlign 7 x 7 on each of P2..P5 -> shared 4conv1fc head -> MLP -> 128."""
+
+    levels = ["p2", "p3", "p4", "p5"]
+
+    def __init__(self, arch, dim=128):
+        super().__init__()
+        self.backbone = ResNetTrunk(arch)
+        # Built exactly as detect_finetune.py builds them, so backbone.pth loads there.
+        self.fpn = torchvision.ops.FeaturePyramidNetwork(self.backbone.channels, 256, norm_layer=nn.BatchNorm2d)
+        self.box_head = FastRCNNConvFCHead((256, 7, 7), [256, 256, 256, 256], [1024], norm_layer=nn.BatchNorm2d)
+        self.projection = nn.Sequential(nn.Linear(1024, 1024), nn.ReLU(inplace=True), nn.Linear(1024, dim))
+
+    def forward(self, x, boxes):
+        """x (N, 3, S, S), boxes (N, 4, 4): one box per level P2..P5 -> (N, 4, 128)."""
+        pyramid = self.fpn(OrderedDict(zip(self.levels, self.backbone(x))))  # P2..P5, (N, 256, S/4, S/4) ...
+        rois = [roi_align_boxes(p, boxes[:, l], 7, stride)  # each (N, 256, 7, 7), no level assignment
+                for l, (p, stride) in enumerate(zip(pyramid.values(), self.backbone.strides))]
+        z = self.projection(self.box_head(torch.cat(rois)))  # (4N, 128), all levels in one batch
+        return F.normalize(z, dim=1).reshape(len(rois), len(x), -1).transpose(0, 1)  # (N, 4, 128)
+
+    def torchvision_state_dict(self):
+        """Trunk keys + fpn.* (FeaturePyramidNetwork) + box_head.* (FastRCNNConvFCHead)."""
+        state = self.backbone.state_dict()
+        state.update({f"fpn.{k}": v for k, v in self.fpn.state_dict().items()})
+        state.update({f"box_head.{k}": v for k, v in self.box_head.state_dict().items()})
+        return state
+
+
+class InsLoc(nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        self.args = args
+        self.encoder_q = (EncoderC4 if args.variant == "c4" else EncoderFPN)(args.arch)
+        self.encoder_k = copy.deepcopy(self.encoder_q).requires_grad_(False)
+        # One queue per level: a level never meets another level's keys ("cross-level cheating").
+        self.queues = nn.ModuleList(MomentumQueue(args.queue_size) for _ in self.encoder_q.levels)
+
+    def forward(self, im_q, im_k, box_q, box_q_aug, box_k):
+        L = len(self.encoder_q.levels)
+        # Query boxes per level: C4 pools the augmented box; FPN only on P5 (the release).
+        boxes_q = torch.stack([box_q] * (L - 1) + [box_q_aug], dim=1)  # (N, L, 4)
+        q = self.encoder_q(im_q, boxes_q)  # (N, L, 128)
+        ema_update(self.encoder_k, self.encoder_q, self.args.ema)
+        boxes_k = box_k[:, None].expand(-1, L, -1)  # (N, L, 4): the key always pools the true box
+        k = shuffled_key_forward(self.encoder_k, (im_k, boxes_k), self.args.bn_batch)  # (N, L, 128)
+        losses, accs = [], []
+        for l, queue in enumerate(self.queues):
+            loss_l, acc_l = info_nce(q[:, l], k[:, l], queue.keys.clone(), self.args.temperature)
+            queue.enqueue(k[:, l])
+            losses.append(loss_l)
+            accs.append(acc_l)
+        loss = torch.stack(losses).sum()  # sec. 4.3: the levels' losses are summed
+        terms = {"loss": loss.detach(), "acc": torch.stack(accs).mean()}
+        if L > 1:  # per-level terms
+            for level, loss_l, acc_l in zip(self.encoder_q.levels, losses, accs):
+                terms.update({f"loss_{level}": loss_l.detach(), f"acc_{level}": acc_l})
+        terms["box_iou"] = torchvision.ops.box_iou(box_q, box_q_aug).diagonal().mean()  # sec. 4.2 jitter
+        return loss, terms
+
+
+# ---------------------------------------------------------------------------------------
+# Loss
+# ---------------------------------------------------------------------------------------
+
+
+def info_nce(q, k, queue, tau):  # Same as in dilo.py, dupr.py, detco.py
+    """InfoNCE (MoCo eq. 1) in fp32. q, k: (N, D) positives row by row; queue: (K, D)."""
+    q, k = q.float(), k.float()
+    l_pos = (q * k).sum(dim=1, keepdim=True)  # (N, 1)
+    l_neg = q @ queue.t()  # (N, K)
+    logits = torch.cat([l_pos, l_neg], dim=1) / tau  # (N, 1 + K); the positive is class 0
+    target = torch.zeros(len(q), dtype=torch.long, device=q.device)
+    acc = (l_pos[:, 0] > l_neg.max(dim=1).values).float().mean()  # ties count as wrong
+    return F.cross_entropy(logits, target), acc
+
+
+# ---------------------------------------------------------------------------------------
+# Training loop
+# ---------------------------------------------------------------------------------------
+
+
+def train_one_epoch(model, loader, optimizer, epoch, args, log):  # Same as in dilo.py, dupr.py, detco.py
+    """One epoch (or --steps iterations): cosine lr per iteration, bf16 autocast, NaN guard, logs."""
+    model.train()
+    steps = min(args.steps, len(loader)) if args.steps else len(loader)
+    sums, start = {}, time.time()
+    end = start
+    for it, batch in enumerate(loader):
+        if it == steps:
+            break
+        data_time = time.time() - end
+        lr = args.lr_actual * 0.5 * (1 + math.cos(math.pi * (epoch + it / steps) / args.epochs))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        batch = [t.to(args.device, non_blocking=True) for t in batch]
+        if args.device.type == "cuda":  # NHWC convolutions are faster under bf16
+            batch = [t.to(memory_format=torch.channels_last) if t.dim() == 4 else t for t in batch]
+        with torch.autocast(args.device.type, dtype=torch.bfloat16, enabled=args.amp):
+            loss, terms = model(*batch)
+        if not math.isfinite(loss.item()):
+            raise SystemExit(f"error: loss is {loss.item()} at epoch {epoch} iteration {it}; "
+                             f"the last good checkpoint in {args.output_dir} is kept")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        terms = {name: float(value) for name, value in terms.items()}
+        for name, value in terms.items():
+            sums[name] = sums.get(name, 0.0) + value
+        step_time, end = time.time() - end, time.time()
+        if it % args.print_freq == 0 or it == steps - 1:
+            log({"epoch": epoch, "iteration": it, "steps": steps, "lr": lr, **terms,
+                 "img_per_s": args.batch_size / step_time, "data_time": data_time, "step_time": step_time,
+                 "eta_s": (time.time() - start) / (it + 1) * (steps - it - 1), "memory_mb": peak_memory_mb(args)})
+    return {name: value / steps for name, value in sums.items()}
+
+
+# ---------------------------------------------------------------------------------------
+# Plumbing: distributed setup, checkpoints, logging, preview. Same as in dilo.py.
+# ---------------------------------------------------------------------------------------
+
+
+def setup_distributed(args):
+    args.world_size, args.rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    if torch.cuda.is_available():
+        args.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(args.device)
+    else:
+        args.device = torch.device("cpu")
+    if args.world_size > 1:
+        dist.init_process_group("nccl" if args.device.type == "cuda" else "gloo")
+    if args.batch_size % args.world_size:
+        raise SystemExit(f"error: --batch-size {args.batch_size} does not divide by the world size {args.world_size}")
+    args.is_main = args.rank == 0
+    args.amp = args.device.type == "cuda" if args.amp is None else args.amp
+    args.lr_actual = args.lr * args.batch_size / 256
+
+
+def seed_everything(seed):
+    """Every epoch reseeds from (seed, epoch, rank), so a resumed run replays the same randomness."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+def peak_memory_mb(args):
+    if args.device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def make_logger(args):
+    def log(record):
+        if not args.is_main:
+            return
+        with open(os.path.join(args.output_dir, "log.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if "iteration" in record:
+            terms = " ".join(f"{k} {v:.4f}" for k, v in record.items() if k not in (
+                "epoch", "iteration", "steps", "lr", "img_per_s", "data_time", "step_time", "eta_s", "memory_mb"))
+            print(f"epoch {record['epoch']} [{record['iteration'] + 1}/{record['steps']}] "
+                  f"eta {record['eta_s'] / 60:.1f} min lr {record['lr']:.5f} {terms} "
+                  f"{record['img_per_s']:.1f} img/s data {100 * record['data_time'] / record['step_time']:.0f}% "
+                  f"mem {record['memory_mb']:.0f} MB", flush=True)
+        else:
+            print("epoch summary " + json.dumps(record), flush=True)
+    return log
+
+
+def load_checkpoint(model, optimizer, args):
+    path = os.path.join(args.output_dir, "checkpoint.pth") if args.resume == "auto" else args.resume
+    if args.resume == "none" or not os.path.exists(path):
+        if args.resume not in ("auto", "none"):
+            raise SystemExit(f"error: --resume {path}: no such file")
+        return 0
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if checkpoint.get("method") != "insloc" or checkpoint["args"]["arch"] != args.arch:
+        raise SystemExit(f"error: {path} is a {checkpoint.get('method')} {checkpoint['args']['arch']} checkpoint, "
+                         f"not insloc {args.arch}; use another --output-dir or --resume none")
+    if checkpoint["args"].get("variant") != args.variant:  # the two variants have different modules
+        raise SystemExit(f"error: {path} is an insloc --variant {checkpoint['args'].get('variant')} checkpoint, "
+                         f"not {args.variant}; use another --output-dir or --resume none")
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    if args.is_main:
+        print(f"resumed from {path} (epoch {checkpoint['epoch']} done)")
+    return checkpoint["epoch"]
+
+
+def save_checkpoint(model, optimizer, epoch, args):
+    """checkpoint.pth (everything to resume) and backbone.pth (torchvision keys), atomically."""
+    state = {"method": "insloc", "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, type(None)))}}
+    # backbone.pth: the ResNet, plus for fpn the FPN and box head under fpn. / box_head. (conventions.md)
+    for name, obj in (("checkpoint.pth", state), ("backbone.pth", model.encoder_q.torchvision_state_dict())):
+        path = os.path.join(args.output_dir, name)
+        torch.save(obj, path + ".tmp")
+        os.replace(path + ".tmp", path)
+
+
+def to_picture(tensor, size):
+    """A normalised (3, H, W) view back to a PIL image."""
+    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
+    array = ((tensor * std + mean).clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
+    return Image.fromarray(array).resize((size, size))
+
+
+def write_preview(dataset, args, cell=128):
+    """Per sample: foreground image | composites q, k (true box green, query's augmented box red) | views."""
+    columns = ["foreground", "composite q", "composite k", "view q", "view k"]
+    sheet = Image.new("RGB", (cell * len(columns), 16 + cell * args.preview), "white")
+    draw = ImageDraw.Draw(sheet)
+    for c, name in enumerate(columns):
+        draw.text((c * cell + 4, 2), name, fill="black")
+    for row in range(args.preview):
+        image, views = dataset.sample(row)
+        box_aug = augment_box(views[0]["box"], dataset.anchors) if args.box_aug else views[0]["box"]
+        cells = [image] + [v["composite"] for v in views]
+        cells = [c.resize((cell, cell)) for c in cells] + [to_picture(dataset.colour(v["composite"]), cell) for v in views]
+        for c, picture in enumerate(cells):
+            sheet.paste(picture, (c * cell, 16 + row * cell))
+        for c in (1, 2, 3, 4):  # the same geometry on the composite and on the augmented view
+            offset = torch.tensor([c * cell, 16 + row * cell] * 2)
+            boxes = [(views[(c - 1) % 2]["box"], "lime")] + ([(box_aug, "red")] if c in (1, 3) else [])
+            for box, colour in boxes:
+                draw.rectangle((box * cell / args.image_size + offset).tolist(), outline=colour, width=2)
+    path = os.path.join(args.output_dir, "preview.png")
+    sheet.save(path)
+    print(f"wrote {path}")
+
+
+# ---------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------
+
+
+def main(args):
+    setup_distributed(args)
+    os.makedirs(args.output_dir, exist_ok=True)
+    source = open_source(args.data, 128 if args.tiny else 5000, args.image_size * 8 // 7, min_side=args.image_size)
+    dataset = InstanceComposition(source, args)
+    if args.preview:
+        return write_preview(dataset, args) if args.is_main else None
+    seed_everything(args.seed)
+    model = InsLoc(args).to(args.device)
+    if args.device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    # NOTE: Nesterov momentum, the InsLoc recipe (dilo.py: plain momentum).
+    optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=args.lr_actual, momentum=0.9, nesterov=True, weight_decay=args.wd)
+    start_epoch = load_checkpoint(model, optimizer, args)
+    if args.is_main:
+        count = lambda module: sum(p.numel() for p in module.parameters())
+        print(f"world size {args.world_size}, device {args.device}, global batch {args.batch_size}, "
+              f"lr {args.lr_actual:.4f} (= {args.lr} x {args.batch_size}/256), {len(dataset)} images, "
+              f"backbone {count(model.encoder_q.backbone) / 1e6:.2f}M, "
+              f"heads {(count(model.encoder_q) - count(model.encoder_q.backbone)) / 1e6:.2f}M params")
+    ddp_model = model
+    if args.world_size > 1:  # the queue is identical on every rank already: do not broadcast buffers
+        ddp_model = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+    sampler = torch.utils.data.DistributedSampler(dataset, args.world_size, args.rank, seed=args.seed, drop_last=True)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size // args.world_size, sampler=sampler,
+                                         num_workers=args.workers, pin_memory=args.device.type == "cuda", drop_last=True)
+    if len(loader) == 0:
+        raise SystemExit(f"error: {len(dataset)} images give no full batch of {args.batch_size}")
+    log = make_logger(args)
+    for epoch in range(start_epoch, args.epochs):
+        seed_everything(args.seed + 1000 * (epoch + 1) + args.rank)
+        sampler.set_epoch(epoch)
+        stats = train_one_epoch(ddp_model, loader, optimizer, epoch, args, log)
+        if args.is_main:
+            save_checkpoint(model, optimizer, epoch + 1, args)
+            log({"epoch": epoch, **stats})
+    if args.world_size > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(get_args())
