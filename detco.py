@@ -69,7 +69,7 @@ from common import IMAGENET_MEAN, IMAGENET_STD, MomentumQueue, ResNetTrunk, ema_
 
 # Same as in dilo.py: DetCo needs no other tiny setting.
 TINY = dict(data="synthetic", arch="resnet18", image_size=64, batch_size=32, queue_size=256, bn_batch=8,
-            epochs=12, workers=2, lr=0.3, ema=0.99, print_freq=2)
+            epochs=1, workers=2, lr=0.3, ema=0.99, print_freq=2)
 LEVELS = ("res2", "res3", "res4", "res5")
 
 
@@ -440,7 +440,7 @@ def write_preview(dataset, args, cell=128):
 def main(args):
     setup_distributed(args)
     os.makedirs(args.output_dir, exist_ok=True)
-    source = open_source(args.data, 128 if args.tiny else 5000, args.image_size * 8 // 7, min_side=args.image_size)
+    source = open_source(args.data, 320 if args.tiny else 5000, args.image_size * 8 // 7, min_side=args.image_size)
     dataset = GlobalLocalViews(source, args)
     if args.preview:
         return write_preview(dataset, args) if args.is_main else None

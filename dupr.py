@@ -80,13 +80,13 @@ from common import (IMAGENET_MEAN, IMAGENET_STD, MomentumQueue, ResNetTrunk, ema
 # Arguments
 # ---------------------------------------------------------------------------------------
 
-# dilo.py's TINY with two changes. NOTE: every queue gets 32 keys a step, so 96 keys are the last
-# 3 steps, and an epoch of the 128 toy images is 4: no queue ever holds an image's own older keys
-# as negatives (dilo's 256 holds two of each). roi_size = the feature maps' sides at 64 px
+# dilo.py's TINY (a 1-epoch smoke run on 320 toy images) with two changes. NOTE: every queue gets
+# 32 keys a step, so 96 keys are the last 3 steps: no queue holds an image's own older keys as
+# negatives. roi_size = the feature maps' sides at 64 px
 # (sec. 4.5.3: a larger S "will not acquire more useful information"; S = 14 on a 4 x 4 map
 # made a tiny step 1.6x slower).
 TINY = dict(data="synthetic", arch="resnet18", image_size=64, batch_size=32, queue_size=96, bn_batch=8,
-            epochs=12, workers=2, lr=0.3, ema=0.99, print_freq=2, roi_size=[16, 8, 4, 2])
+            epochs=1, workers=2, lr=0.3, ema=0.99, print_freq=2, roi_size=[16, 8, 4, 2])
 LEVELS = ("conv2", "conv3", "conv4", "conv5")  # ResNetTrunk outputs, strides 4, 8, 16, 32
 
 
@@ -491,7 +491,7 @@ def write_preview(dataset, args, cell=160):
 def main(args):  # Same as in dilo.py (method names only)
     setup_distributed(args)
     os.makedirs(args.output_dir, exist_ok=True)
-    source = open_source(args.data, 128 if args.tiny else 5000, args.image_size * 8 // 7, min_side=args.image_size)
+    source = open_source(args.data, 320 if args.tiny else 5000, args.image_size * 8 // 7, min_side=args.image_size)
     dataset = TwoViewsWithBoxes(source, args)
     if args.preview:
         return write_preview(dataset, args) if args.is_main else None
