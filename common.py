@@ -69,8 +69,9 @@ def roi_align_boxes(features, boxes, output_size, stride, batch_index=None):
     if batch_index is None:
         batch_index = torch.arange(len(boxes), device=boxes.device)
     rois = torch.cat([batch_index.to(boxes.dtype)[:, None], boxes], dim=1)  # (N, 5)
-    return torchvision.ops.roi_align(features, rois.to(features.dtype), output_size,
-                                     spatial_scale=1.0 / stride, sampling_ratio=2, aligned=True)
+    # fp32 on purpose: bf16 box coordinates would be rounded by up to a pixel above 128.
+    return torchvision.ops.roi_align(features.float(), rois.float(), output_size, spatial_scale=1.0 / stride,
+                                     sampling_ratio=2, aligned=True).to(features.dtype)
 
 
 # ---------------------------------------------------------------------------------------

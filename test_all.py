@@ -3,6 +3,9 @@
 Tests assert properties a reader cares about: geometry against ground truth, equivalence
 with plain reference computations, exact resume, identical ranks, refused bad input.
 """
+import contextlib
+import copy
+import io
 import json
 import os
 import pickle
