@@ -36,6 +36,69 @@ def state_equal(a, b, atol=1e-6):
         assert torch.allclose(a[key].float(), b[key].float(), atol=atol), key
 
 
+def killed_and_resumed(module, args, tmp_path, monkeypatch):
+    """Train 2 epochs in one run, and again killed during epoch 2 then rerun with the same command.
+
+    Asserts what every trainer must keep exactly (weights, queues, SGD momentum); returns both
+    final checkpoints for method-specific checks.
+    """
+    module.main(module.get_args(args + ["--epochs", "2", "--output-dir", str(tmp_path / "once")]))
+    train_one_epoch = module.train_one_epoch
+
+    def killed_in_epoch_1(model, loader, optimizer, epoch, *rest):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return train_one_epoch(model, loader, optimizer, epoch, *rest)
+
+    twice = args + ["--epochs", "2", "--output-dir", str(tmp_path / "twice")]
+    monkeypatch.setattr(module, "train_one_epoch", killed_in_epoch_1)
+    with pytest.raises(KeyboardInterrupt):
+        module.main(module.get_args(twice))
+    monkeypatch.undo()
+    module.main(module.get_args(twice))
+    once = torch.load(tmp_path / "once" / "checkpoint.pth", weights_only=True)
+    twice = torch.load(tmp_path / "twice" / "checkpoint.pth", weights_only=True)
+    assert once["epoch"] == twice["epoch"] == 2
+    state_equal(once["model"], twice["model"])  # both encoders, heads, every queue and pointer
+    for index, buffers in once["optimizer"]["state"].items():  # SGD momentum buffers
+        assert torch.allclose(buffers["momentum_buffer"], twice["optimizer"]["state"][index]["momentum_buffer"], atol=1e-6)
+    return once, twice
+
+
+RANK_CHECK = """
+import sys, torch, torch.distributed as dist
+sys.path.insert(0, {here!r})
+import {module} as trainer
+forward = trainer.{model}.forward
+def checked_forward(self, *batch):
+    # state after the previous step, on every rank: parameters of f_q and f_k, and every queue
+    queues = [b.flatten() for name, b in self.named_buffers() if name.endswith("keys")]
+    assert len(queues) == {queues}, len(queues)
+    flat = torch.cat([p.detach().flatten() for p in self.parameters()] + queues)
+    copies = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
+    dist.all_gather(copies, flat)
+    assert all(torch.equal(copies[0], c) for c in copies), "ranks differ"
+    return forward(self, *batch)
+trainer.{model}.forward = checked_forward
+args = trainer.get_args(sys.argv[1:])
+trainer.main(args)
+print("rank", args.rank, "checked", "ok")
+"""
+
+
+def run_two_ranks(module, model, queues, port, args, tmp_path):
+    """torchrun --nproc_per_node=2 (gloo): parameters and queues identical on both ranks at every forward."""
+    script = tmp_path / "check.py"
+    script.write_text(RANK_CHECK.format(here=HERE, module=module, model=model, queues=queues))
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+               str(script), "--tiny", "--epochs", "1", "--workers", "0", "--output-dir", str(tmp_path / "run")] + args
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("checked ok") == 2
+    assert (tmp_path / "run" / "backbone.pth").exists()
+
+
 # ---------------------------------------------------------------------------------------
 # common.py
 # ---------------------------------------------------------------------------------------
@@ -234,26 +297,7 @@ def test_backbone_loads_into_torchvision_and_matches_encoder(tiny_run):
 
 def test_exact_resume(tmp_path, monkeypatch):
     """2 epochs in one run == killed during epoch 2, then the same command rerun."""
-    args = SMALL + ["--steps", "2", "--paste-prob", "0.5", "--epochs", "2"]
-    dilo.main(dilo.get_args(args + ["--output-dir", str(tmp_path / "once")]))
-    train_one_epoch = dilo.train_one_epoch
-
-    def killed_in_epoch_1(model, loader, optimizer, epoch, *rest):
-        if epoch == 1:
-            raise KeyboardInterrupt
-        return train_one_epoch(model, loader, optimizer, epoch, *rest)
-
-    monkeypatch.setattr(dilo, "train_one_epoch", killed_in_epoch_1)
-    with pytest.raises(KeyboardInterrupt):
-        dilo.main(dilo.get_args(args + ["--output-dir", str(tmp_path / "twice")]))
-    monkeypatch.undo()
-    dilo.main(dilo.get_args(args + ["--output-dir", str(tmp_path / "twice")]))
-    once = torch.load(tmp_path / "once" / "checkpoint.pth", weights_only=True)
-    twice = torch.load(tmp_path / "twice" / "checkpoint.pth", weights_only=True)
-    assert once["epoch"] == twice["epoch"] == 2
-    state_equal(once["model"], twice["model"])
-    for index, buffers in once["optimizer"]["state"].items():  # SGD momentum buffers
-        assert torch.allclose(buffers["momentum_buffer"], twice["optimizer"]["state"][index]["momentum_buffer"], atol=1e-6)
+    once, twice = killed_and_resumed(dilo, SMALL + ["--steps", "2", "--paste-prob", "0.5"], tmp_path, monkeypatch)
     assert torch.equal(once["model"]["queue.keys"], twice["model"]["queue.keys"])
 
 
@@ -298,37 +342,8 @@ def test_dilo_saliency_dir_and_folder_data(tmp_path):
     assert (tmp_path / "run" / "backbone.pth").exists()
 
 
-RANK_CHECK = """
-import sys, torch, torch.distributed as dist
-sys.path.insert(0, {here!r})
-import dilo
-forward = dilo.DiLo.forward
-def checked_forward(self, *batch):
-    # state after the previous step: parameters of f_q and f_k, and the queue, on every rank
-    flat = torch.cat([p.detach().flatten() for p in self.parameters()] + [self.queue.keys.flatten()])
-    copies = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
-    dist.all_gather(copies, flat)
-    assert all(torch.equal(copies[0], c) for c in copies), "ranks differ"
-    self.checks = getattr(self, "checks", 0) + 1
-    return forward(self, *batch)
-dilo.DiLo.forward = checked_forward
-args = dilo.get_args(sys.argv[1:])
-dilo.main(args)
-print("rank", args.rank, "checked", "ok")
-"""
-
-
 def test_two_processes_identical_ranks(tmp_path):
-    script = tmp_path / "check.py"
-    script.write_text(RANK_CHECK.format(here=HERE))
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29611",
-               str(script), "--tiny", "--epochs", "1", "--steps", "4", "--batch-size", "16", "--image-size", "32", "--workers", "0",
-               "--output-dir", str(tmp_path / "run")]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("checked ok") == 2
-    assert (tmp_path / "run" / "backbone.pth").exists()
+    run_two_ranks("dilo", "DiLo", 1, 29611, ["--steps", "4", "--batch-size", "16", "--image-size", "32"], tmp_path)
 
 
 # ---------------------------------------------------------------------------------------
@@ -616,26 +631,7 @@ def test_dupr_backbone_loads_into_torchvision(_dupr_tiny_run):
 
 def test_dupr_exact_resume(tmp_path, monkeypatch):
     """2 epochs in one run == killed during epoch 2, then the same command rerun (all six queues)."""
-    args = _DUPR_SMALL + ["--steps", "2", "--epochs", "2"]
-    dupr.main(dupr.get_args(args + ["--output-dir", str(tmp_path / "once")]))
-    train_one_epoch = dupr.train_one_epoch
-
-    def killed_in_epoch_1(model, loader, optimizer, epoch, *rest):
-        if epoch == 1:
-            raise KeyboardInterrupt
-        return train_one_epoch(model, loader, optimizer, epoch, *rest)
-
-    monkeypatch.setattr(dupr, "train_one_epoch", killed_in_epoch_1)
-    with pytest.raises(KeyboardInterrupt):
-        dupr.main(dupr.get_args(args + ["--output-dir", str(tmp_path / "twice")]))
-    monkeypatch.undo()
-    dupr.main(dupr.get_args(args + ["--output-dir", str(tmp_path / "twice")]))
-    once = torch.load(tmp_path / "once" / "checkpoint.pth", weights_only=True)
-    twice = torch.load(tmp_path / "twice" / "checkpoint.pth", weights_only=True)
-    assert once["epoch"] == twice["epoch"] == 2
-    state_equal(once["model"], twice["model"])
-    for index, buffers in once["optimizer"]["state"].items():  # SGD momentum buffers
-        assert torch.allclose(buffers["momentum_buffer"], twice["optimizer"]["state"][index]["momentum_buffer"], atol=1e-6)
+    once, twice = killed_and_resumed(dupr, _DUPR_SMALL + ["--steps", "2"], tmp_path, monkeypatch)
     queues = [key for key in once["model"] if "_queues." in key]  # keys and pointers
     assert len([key for key in queues if key.endswith(".keys")]) == 6
     for key in queues:
@@ -647,38 +643,8 @@ def test_dupr_preview(tmp_path):
     assert Image.open(tmp_path / "preview.png").size == (3 * 160, 16 + 4 * 160)
 
 
-_DUPR_RANK_CHECK = """
-import sys, torch, torch.distributed as dist
-sys.path.insert(0, {here!r})
-import dupr
-forward = dupr.DUPR.forward
-def checked_forward(self, *batch):
-    # state after the previous step: parameters of f_q and f_k, and all six queues, on every rank
-    queues = [q.keys.flatten() for q in list(self.image_queues.values()) + list(self.patch_queues.values())]
-    assert len(queues) == 6
-    flat = torch.cat([p.detach().flatten() for p in self.parameters()] + queues)
-    copies = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
-    dist.all_gather(copies, flat)
-    assert all(torch.equal(copies[0], c) for c in copies), "ranks differ"
-    return forward(self, *batch)
-dupr.DUPR.forward = checked_forward
-args = dupr.get_args(sys.argv[1:])
-dupr.main(args)
-print("rank", args.rank, "checked", "ok")
-"""
-
-
 def test_dupr_two_processes_identical_ranks(tmp_path):
-    script = tmp_path / "check.py"
-    script.write_text(_DUPR_RANK_CHECK.format(here=HERE))
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29621",
-               str(script), "--tiny", "--steps", "2", "--epochs", "2", "--batch-size", "16", "--image-size", "32",
-               "--workers", "0", "--output-dir", str(tmp_path / "run")]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("checked ok") == 2
-    assert (tmp_path / "run" / "backbone.pth").exists()
+    run_two_ranks("dupr", "DUPR", 6, 29621, ["--steps", "3", "--batch-size", "16", "--image-size", "32"], tmp_path)
 
 
 # ---------------------------------------------------------------------------------------
@@ -792,26 +758,7 @@ def test_detco_backbone_loads_into_torchvision_and_logs_every_term(_detco_small_
 
 def test_detco_exact_resume(tmp_path, monkeypatch):
     """2 epochs in one run == killed during epoch 2, then the same command rerun."""
-    args = SMALL + ["--steps", "2", "--epochs", "2"]
-    detco.main(detco.get_args(args + ["--output-dir", str(tmp_path / "once")]))
-    train_one_epoch = detco.train_one_epoch
-
-    def killed_in_epoch_1(model, loader, optimizer, epoch, *rest):
-        if epoch == 1:
-            raise KeyboardInterrupt
-        return train_one_epoch(model, loader, optimizer, epoch, *rest)
-
-    monkeypatch.setattr(detco, "train_one_epoch", killed_in_epoch_1)
-    with pytest.raises(KeyboardInterrupt):
-        detco.main(detco.get_args(args + ["--output-dir", str(tmp_path / "twice")]))
-    monkeypatch.undo()
-    detco.main(detco.get_args(args + ["--output-dir", str(tmp_path / "twice")]))
-    once = torch.load(tmp_path / "once" / "checkpoint.pth", weights_only=True)
-    twice = torch.load(tmp_path / "twice" / "checkpoint.pth", weights_only=True)
-    assert once["epoch"] == twice["epoch"] == 2
-    state_equal(once["model"], twice["model"])
-    for index, buffers in once["optimizer"]["state"].items():  # SGD momentum buffers
-        assert torch.allclose(buffers["momentum_buffer"], twice["optimizer"]["state"][index]["momentum_buffer"], atol=1e-6)
+    once, twice = killed_and_resumed(detco, SMALL + ["--steps", "2"], tmp_path, monkeypatch)
     for i in range(8):
         assert torch.equal(once["model"][f"queues.{i}.keys"], twice["model"][f"queues.{i}.keys"])
 
@@ -821,21 +768,9 @@ def test_detco_preview(tmp_path):
     assert Image.open(tmp_path / "preview.png").size == (5 * 128, 16 + 3 * 128)
 
 
-DETCO_RANK_CHECK = RANK_CHECK.replace("dilo", "detco").replace("DiLo", "DetCo").replace(
-    "[self.queue.keys.flatten()]", "[q.keys.flatten() for q in self.queues]")
-
-
 def test_detco_two_processes_identical_ranks(tmp_path):
-    script = tmp_path / "check.py"
-    script.write_text(DETCO_RANK_CHECK.format(here=HERE))
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29631",
-               str(script), "--tiny", "--steps", "3", "--batch-size", "8", "--image-size", "32", "--bn-batch", "2",
-               "--workers", "0", "--output-dir", str(tmp_path / "run")]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("checked ok") == 2
-    assert (tmp_path / "run" / "backbone.pth").exists()
+    run_two_ranks("detco", "DetCo", 8, 29631,
+                  ["--steps", "3", "--batch-size", "8", "--image-size", "32", "--bn-batch", "2"], tmp_path)
 
 
 # ---------------------------------------------------------------------------------------
@@ -946,26 +881,7 @@ INSLOC_SMALL = ["--tiny", "--image-size", "32", "--batch-size", "8", "--queue-si
 
 def test_insloc_exact_resume(tmp_path, monkeypatch):
     """2 epochs in one run == killed during epoch 2, then the same command rerun (C4: smaller files)."""
-    args = INSLOC_SMALL + ["--steps", "2", "--epochs", "2"]
-    insloc.main(insloc.get_args(args + ["--output-dir", str(tmp_path / "once")]))
-    train_one_epoch = insloc.train_one_epoch
-
-    def killed_in_epoch_1(model, loader, optimizer, epoch, *rest):
-        if epoch == 1:
-            raise KeyboardInterrupt
-        return train_one_epoch(model, loader, optimizer, epoch, *rest)
-
-    monkeypatch.setattr(insloc, "train_one_epoch", killed_in_epoch_1)
-    with pytest.raises(KeyboardInterrupt):
-        insloc.main(insloc.get_args(args + ["--output-dir", str(tmp_path / "twice")]))
-    monkeypatch.undo()
-    insloc.main(insloc.get_args(args + ["--output-dir", str(tmp_path / "twice")]))
-    once = torch.load(tmp_path / "once" / "checkpoint.pth", weights_only=True)
-    twice = torch.load(tmp_path / "twice" / "checkpoint.pth", weights_only=True)
-    assert once["epoch"] == twice["epoch"] == 2
-    state_equal(once["model"], twice["model"])
-    for index, buffers in once["optimizer"]["state"].items():  # SGD momentum buffers
-        assert torch.allclose(buffers["momentum_buffer"], twice["optimizer"]["state"][index]["momentum_buffer"], atol=1e-6)
+    once, twice = killed_and_resumed(insloc, INSLOC_SMALL + ["--steps", "2"], tmp_path, monkeypatch)
     assert once["optimizer"]["param_groups"][0]["nesterov"]
     assert torch.equal(once["model"]["queues.0.keys"], twice["model"]["queues.0.keys"])
     with pytest.raises(SystemExit, match="variant c4"):
@@ -1020,36 +936,8 @@ def test_insloc_c4_trains_and_preview(tmp_path):
     assert Image.open(tmp_path / "preview.png").size == (5 * 128, 16 + 4 * 128)
 
 
-INSLOC_RANK_CHECK = """
-import sys, torch, torch.distributed as dist
-sys.path.insert(0, {here!r})
-import insloc
-forward = insloc.InsLoc.forward
-def checked_forward(self, *batch):
-    # state after the previous step: parameters of f_q and f_k, and every queue, on every rank
-    flat = torch.cat([p.detach().flatten() for p in self.parameters()] + [q.keys.flatten() for q in self.queues])
-    copies = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
-    dist.all_gather(copies, flat)
-    assert all(torch.equal(copies[0], c) for c in copies), "ranks differ"
-    return forward(self, *batch)
-insloc.InsLoc.forward = checked_forward
-args = insloc.get_args(sys.argv[1:])
-insloc.main(args)
-print("rank", args.rank, "checked", "ok")
-"""
-
-
 def test_insloc_two_processes_identical_ranks(tmp_path):
-    script = tmp_path / "check.py"
-    script.write_text(INSLOC_RANK_CHECK.format(here=HERE))
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29641",
-               str(script), "--tiny", "--steps", "3", "--epochs", "1", "--batch-size", "8", "--image-size", "32",
-               "--workers", "0", "--output-dir", str(tmp_path / "run")]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("checked ok") == 2
-    assert (tmp_path / "run" / "backbone.pth").exists()
+    run_two_ranks("insloc", "InsLoc", 1, 29641, ["--steps", "3", "--batch-size", "8", "--image-size", "32"], tmp_path)
 
 
 # ---------------------------------------------------------------------------------------
