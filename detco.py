@@ -69,7 +69,7 @@ from common import IMAGENET_MEAN, IMAGENET_STD, MomentumQueue, ResNetTrunk, ema_
 
 # Same as in dilo.py: DetCo needs no other tiny setting.
 TINY = dict(data="synthetic", arch="resnet18", image_size=64, batch_size=32, queue_size=256, bn_batch=8,
-            epochs=1, workers=2, lr=0.3, ema=0.99, print_freq=2)
+            epochs=1, workers=2, print_freq=2)
 LEVELS = ("res2", "res3", "res4", "res5")
 
 

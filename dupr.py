@@ -86,7 +86,7 @@ from common import (IMAGENET_MEAN, IMAGENET_STD, MomentumQueue, ResNetTrunk, ema
 # (sec. 4.5.3: a larger S "will not acquire more useful information"; S = 14 on a 4 x 4 map
 # made a tiny step 1.6x slower).
 TINY = dict(data="synthetic", arch="resnet18", image_size=64, batch_size=32, queue_size=96, bn_batch=8,
-            epochs=1, workers=2, lr=0.3, ema=0.99, print_freq=2, roi_size=[16, 8, 4, 2])
+            epochs=1, workers=2, print_freq=2, roi_size=[16, 8, 4, 2])
 LEVELS = ("conv2", "conv3", "conv4", "conv5")  # ResNetTrunk outputs, strides 4, 8, 16, 32
 
 

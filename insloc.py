@@ -68,7 +68,7 @@ from common import (IMAGENET_MEAN, IMAGENET_STD, MomentumQueue, ResNetTrunk, ema
 
 # NOTE: dilo.py's tiny recipe; a 64 px canvas scales every pixel size by 1/4 (foreground [32, 64)).
 TINY = dict(data="synthetic", arch="resnet18", image_size=64, batch_size=32, queue_size=256, bn_batch=8,
-            epochs=1, workers=2, lr=0.3, ema=0.99, print_freq=2)
+            epochs=1, workers=2, print_freq=2)
 
 
 def get_args(argv=None):

@@ -946,8 +946,8 @@ def test_every_loss_term_falls_on_fixed_views(method, extra):
     """Each logged loss term gets a gradient that lowers it: 25 steps on one fixed batch of 8 toy
     images (the method's own views, boxes and patches), K = 32, once the queue holds real keys.
 
-    NOTE: lr 0.001 at batch 8 (0.032 per 256, the papers' rate) and m 0.99. At 30x that rate
-    (lr 0.03) InsLoc-FPN's shared head and DetCo's local terms collapse to ln(K + 1) even here.
+    NOTE: lr 0.001 at batch 8 (0.032 per 256; the papers use 0.03-0.06) and m 0.99. At 30x that rate
+    (lr 0.03) InsLoc-FPN's shared head and DetCo's local terms rise toward ln(K + 1) even here.
     """
     module = {"dupr": dupr, "detco": detco, "insloc": insloc}[method]
     model_class, views_class = {"dupr": (dupr.DUPR, dupr.TwoViewsWithBoxes), "detco": (detco.DetCo, detco.GlobalLocalViews),
