@@ -54,7 +54,7 @@ from common import (IMAGENET_MEAN, IMAGENET_STD, ImageFolderSource, MomentumQueu
 # init MoCo's logged loss first rises while the queue fills with real keys. Its queue (256) is
 # smaller than its dataset, else the queue would hold each image's own older keys as negatives.
 # lr and m stay the paper's: at lr 0.3 per 256 with m 0.99, all four InsLoc-FPN levels rise
-# even on fixed views (test_every_loss_term_falls_on_fixed_views falls at the papers' lr).
+# even on fixed views (test_all.py: test_every_loss_term_falls_on_fixed_views).
 TINY = dict(data="synthetic", arch="resnet18", image_size=64, batch_size=32, queue_size=256, bn_batch=8,
             epochs=1, workers=2, print_freq=2)
 

@@ -940,18 +940,17 @@ def test_insloc_two_processes_identical_ranks(tmp_path):
     run_two_ranks("insloc", "InsLoc", 1, 29641, ["--steps", "3", "--batch-size", "8", "--image-size", "32"], tmp_path)
 
 
-@pytest.mark.parametrize("method, extra", [("dupr", []), ("detco", []), ("insloc", ["--variant", "c4"]),
-                                           ("insloc", ["--variant", "fpn"])])
-def test_every_loss_term_falls_on_fixed_views(method, extra):
+@pytest.mark.parametrize("module, model_class, views_class, extra, term_count", [
+    (dupr, dupr.DUPR, dupr.TwoViewsWithBoxes, [], 6), (detco, detco.DetCo, detco.GlobalLocalViews, [], 12),
+    (insloc, insloc.InsLoc, insloc.InstanceComposition, ["--variant", "c4"], 0),  # one term: the total
+    (insloc, insloc.InsLoc, insloc.InstanceComposition, ["--variant", "fpn"], 4)], ids=["dupr", "detco", "insloc-c4", "insloc-fpn"])
+def test_every_loss_term_falls_on_fixed_views(module, model_class, views_class, extra, term_count):
     """Each logged loss term gets a gradient that lowers it: 25 steps on one fixed batch of 8 toy
     images (the method's own views, boxes and patches), K = 32, once the queue holds real keys.
 
     NOTE: lr 0.001 at batch 8 (0.032 per 256; the papers use 0.03-0.06) and m 0.99. At 30x that rate
     (lr 0.03) InsLoc-FPN's shared head and DetCo's local terms rise toward ln(K + 1) even here.
     """
-    module = {"dupr": dupr, "detco": detco, "insloc": insloc}[method]
-    model_class, views_class = {"dupr": (dupr.DUPR, dupr.TwoViewsWithBoxes), "detco": (detco.DetCo, detco.GlobalLocalViews),
-                                "insloc": (insloc.InsLoc, insloc.InstanceComposition)}[method]
     torch.manual_seed(0)
     args = module.get_args(["--tiny", "--image-size", "32", "--batch-size", "8", "--queue-size", "32", "--bn-batch", "8",
                             "--ema", "0.99", "--workers", "0"] + extra)
@@ -967,7 +966,7 @@ def test_every_loss_term_falls_on_fixed_views(method, extra):
         optimizer.step()
         history.append({name: float(value) for name, value in terms.items()})
     names = [name for name in history[0] if not name.startswith("acc") and name not in ("no_overlap", "box_iou")]
-    assert len(names) == {"dupr": 7, "detco": 13, "insloc": 5 if "fpn" in extra else 1}[method]  # the total + every term
+    assert len(names) == 1 + term_count  # the total and every term
     for name in names:  # 32 / 8 = 4 steps fill the queue with real keys
         full_queue, last = np.mean([h[name] for h in history[4:9]]), np.mean([h[name] for h in history[-5:]])
         assert last < full_queue - 0.05, (name, full_queue, last)
