@@ -588,7 +588,7 @@ RESNET_BY_BLOCKS = {(False, 2): "resnet18", (False, 6): "resnet34", (True, 6): "
 
 
 def load_backbone(path):
-    """A ResNetTrunk (eval mode) from a backbone.pth (torchvision keys) or a checkpoint.pth."""
+    """(ResNetTrunk in eval mode, arch) from a backbone.pth (torchvision keys) or a checkpoint.pth."""
     state = torch.load(path, map_location="cpu", weights_only=True)
     if "model" in state:  # checkpoint.pth: the query encoder's ResNet
         prefix = "encoder_q.backbone."
@@ -599,17 +599,29 @@ def load_backbone(path):
         raise SystemExit(f"error: --diagnose {path}: no torchvision ResNet weights in it")
     trunk = ResNetTrunk(arch)
     trunk.load_state_dict({k: v for k, v in state.items() if k in trunk.state_dict()})  # FPN/heads dropped
-    return trunk.eval().requires_grad_(False)  # gradients are wanted for the input only
+    return trunk.eval().requires_grad_(False), arch  # gradients are wanted for the input only
 
 
 def embed(trunk, x):
     return F.normalize(trunk(x)[-1].mean(dim=(2, 3)), dim=1)  # (N, C): pooled c5, any method's backbone
 
 
+@torch.no_grad()
+def view_retrieval(trunk, held_out, batches, args, device):
+    """Top-1 of instance retrieval with no queue and no momentum encoder: two seeded MoCo v2
+    views of the held-out images in `batches`; how often is view 1's nearest view 2 its own?"""
+    seed_everything(args.seed)
+    augment = moco_v2_augmentation(args.image_size)
+    views = [torch.cat([embed(trunk, torch.stack([augment(held_out[i][0]) for i in b]).to(device)) for b in batches])
+             for _ in range(2)]  # 2 x (G, C)
+    return ((views[0] @ views[1].t()).argmax(1).cpu() == torch.arange(len(views[0]))).float().mean().item()
+
+
 def diagnose(args, queries=6, k=3, cell=128):
     """`--diagnose CKPT`: per query (--data), its top-k neighbours in a held-out set and |d sim / d pixel|."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    trunk = load_backbone(args.diagnose).to(device)
+    trunk, arch = load_backbone(args.diagnose)
+    trunk = trunk.to(device)
     if args.data == "synthetic":
         query_source, held_out = ToyWorld(queries, args.image_size * 8 // 7), ToyWorld(200, args.image_size * 8 // 7, "val")
     else:  # held out: DATA/val if present, else the images after the queries
@@ -621,6 +633,10 @@ def diagnose(args, queries=6, k=3, cell=128):
     with torch.no_grad():  # the held-out embeddings, 64 images at a time
         batches = [range(start, min(start + 64, len(held_out))) for start in range(0, len(held_out), 64)]
         keys = torch.cat([embed(trunk, torch.stack([prepare(held_out[i][0]) for i in b]).to(device)) for b in batches])  # (G, C)
+    top1 = view_retrieval(trunk, held_out, batches[:16], args, device)
+    untrained = view_retrieval(ResNetTrunk(arch).to(device).eval(), held_out, batches[:16], args, device)
+    print(f"view retrieval top-1 {top1:.3f}, untrained {arch} {untrained:.3f}, chance "
+          f"{1 / min(len(held_out), 1024):.3f}: view 1 of a held-out image finds its own view 2")
     columns = ["query", "input gradient"] + [f"neighbour {i + 1}" for i in range(k)]
     sheet = Image.new("RGB", (cell * len(columns), 16 + cell * queries), "white")
     draw = ImageDraw.Draw(sheet)
@@ -646,7 +662,7 @@ def diagnose(args, queries=6, k=3, cell=128):
     path = os.path.join(args.output_dir, "diagnosis.png")
     sheet.save(path)
     print(f"wrote {path}: {queries} queries, top-{k} of {len(keys)} held-out images")
-    return torch.stack(found)  # (queries, k) indices into the held-out set
+    return torch.stack(found), top1  # (queries, k) indices into the held-out set; view retrieval top-1
 
 
 # ---------------------------------------------------------------------------------------
