@@ -57,6 +57,7 @@ from common import (IMAGENET_MEAN, IMAGENET_STD, ImageFolderSource, MomentumQueu
 # even on fixed views (test_all.py: test_every_loss_term_falls_on_fixed_views).
 TINY = dict(data="synthetic", arch="resnet18", image_size=64, batch_size=32, queue_size=256, bn_batch=8,
             epochs=1, workers=2, print_freq=2)
+TINY_IMAGES = 320
 
 
 def get_args(argv=None):
@@ -79,7 +80,7 @@ def get_args(argv=None):
     parser.add_argument("--print-freq", type=int, default=10, help="iterations between log lines")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=0, help="cap on iterations per epoch (0 = full epoch)")
-    parser.add_argument("--tiny", action="store_true", help="CPU-sized recipe: " + " ".join(f"{k}={v}" for k, v in TINY.items()))
+    parser.add_argument("--tiny", action="store_true", help=f"CPU-sized recipe: {TINY_IMAGES} toy images, " + " ".join(f"{k}={v}" for k, v in TINY.items()))
     parser.add_argument("--preview", type=int, default=0, help="write output-dir/preview.png with N samples, then exit")
     # DiLo ("Copy-and-paste for Background Augmentation", Table 2)
     parser.add_argument("--paste-prob", type=float, default=0.3, help="p, probability of copy-paste per view (0 = MoCo v2)")
@@ -633,10 +634,11 @@ def diagnose(args, queries=6, k=3, cell=128):
     with torch.no_grad():  # the held-out embeddings, 64 images at a time
         batches = [range(start, min(start + 64, len(held_out))) for start in range(0, len(held_out), 64)]
         keys = torch.cat([embed(trunk, torch.stack([prepare(held_out[i][0]) for i in b]).to(device)) for b in batches])  # (G, C)
-    top1 = view_retrieval(trunk, held_out, batches[:16], args, device)
-    untrained = view_retrieval(ResNetTrunk(arch).to(device).eval(), held_out, batches[:16], args, device)
+    retrieval = batches[:16]  # up to 1024 images
+    top1 = view_retrieval(trunk, held_out, retrieval, args, device)
+    untrained = view_retrieval(ResNetTrunk(arch).to(device).eval(), held_out, retrieval, args, device)
     print(f"view retrieval top-1 {top1:.3f}, untrained {arch} {untrained:.3f}, chance "
-          f"{1 / min(len(held_out), 1024):.3f}: view 1 of a held-out image finds its own view 2")
+          f"{1 / sum(map(len, retrieval)):.3f}: view 1 of a held-out image finds its own view 2")
     columns = ["query", "input gradient"] + [f"neighbour {i + 1}" for i in range(k)]
     sheet = Image.new("RGB", (cell * len(columns), 16 + cell * queries), "white")
     draw = ImageDraw.Draw(sheet)
@@ -677,7 +679,7 @@ def main(args):
         return diagnose(args)
     setup_distributed(args)
     os.makedirs(args.output_dir, exist_ok=True)
-    source = open_source(args.data, 320 if args.tiny else 5000, args.image_size * 8 // 7, min_side=args.image_size)
+    source = open_source(args.data, TINY_IMAGES if args.tiny else 5000, args.image_size * 8 // 7, min_side=args.image_size)
     dataset = CopyPasteTwoViews(source, args)
     if args.preview:
         return write_preview(dataset, args) if args.is_main else None

@@ -69,6 +69,7 @@ from common import (IMAGENET_MEAN, IMAGENET_STD, MomentumQueue, ResNetTrunk, ema
 # NOTE: dilo.py's tiny recipe; a 64 px canvas scales every pixel size by 1/4 (foreground [32, 64)).
 TINY = dict(data="synthetic", arch="resnet18", image_size=64, batch_size=32, queue_size=256, bn_batch=8,
             epochs=1, workers=2, print_freq=2)
+TINY_IMAGES = 320
 
 
 def get_args(argv=None):
@@ -91,7 +92,7 @@ def get_args(argv=None):
     parser.add_argument("--print-freq", type=int, default=10, help="iterations between log lines")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=0, help="cap on iterations per epoch (0 = full epoch)")
-    parser.add_argument("--tiny", action="store_true", help="CPU-sized recipe: " + " ".join(f"{k}={v}" for k, v in TINY.items()))
+    parser.add_argument("--tiny", action="store_true", help=f"CPU-sized recipe: {TINY_IMAGES} toy images, " + " ".join(f"{k}={v}" for k, v in TINY.items()))
     parser.add_argument("--preview", type=int, default=0, help="write output-dir/preview.png with N samples, then exit")
     # InsLoc (sec. 4.1-4.3)
     parser.add_argument("--variant", default="c4", choices=["c4", "fpn"], help="detector the pretraining mimics (sec. 4.3)")
@@ -485,7 +486,7 @@ def write_preview(dataset, args, cell=128):
 def main(args):
     setup_distributed(args)
     os.makedirs(args.output_dir, exist_ok=True)
-    source = open_source(args.data, 320 if args.tiny else 5000, args.image_size * 8 // 7, min_side=args.image_size)
+    source = open_source(args.data, TINY_IMAGES if args.tiny else 5000, args.image_size * 8 // 7, min_side=args.image_size)
     dataset = InstanceComposition(source, args)
     if args.preview:
         return write_preview(dataset, args) if args.is_main else None
