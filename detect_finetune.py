@@ -384,7 +384,7 @@ class FPNBackbone(nn.Module):
 def build_model(args, num_classes):
     """num_classes excludes the background. Every layer is trainable, plain BatchNorm everywhere."""
     trunk = ResNetTrunk(args.arch)
-    C4, C5 = trunk.channels[2], trunk.channels[3]
+    C5 = trunk.channels[3]
     options = dict(min_size=tuple(args.min_size), max_size=args.max_size, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD,
                    box_batch_size_per_image=args.roi_batch_size, box_detections_per_img=args.max_detections)
     if args.model.endswith("c4"):
@@ -664,7 +664,7 @@ def _coco_match(iou, gt_ignore, crowd):
 def _coco_match_all(flat, iou_type, budget=2_000_000):
     """Match every (image, category) pair that has both detections and gts, in chunks of similar size."""
     gt, det = flat["gt"], flat["det"]
-    n_det, n_gt = len(det["key"]), len(gt["key"])
+    n_det = len(det["key"])
     out_of_range = lambda area: (area[:, None] < AREA_RANGES[:, 0]) | (area[:, None] > AREA_RANGES[:, 1])  # (n, A)
     gt_ignore = gt["crowd"][:, None] | out_of_range(gt["area"])
     matched = np.zeros((n_det, len(AREA_RANGES), len(IOU_THRESHOLDS)), dtype=bool)

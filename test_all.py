@@ -779,8 +779,6 @@ def test_detco_two_processes_identical_ranks(tmp_path):
 # insloc.py
 # ---------------------------------------------------------------------------------------
 
-import math  # noqa: E402
-
 import insloc  # noqa: E402
 
 
