@@ -67,11 +67,10 @@ from common import IMAGENET_MEAN, IMAGENET_STD, MomentumQueue, ResNetTrunk, ema_
 # Arguments
 # ---------------------------------------------------------------------------------------
 
-# dilo.py's TINY (a 1-epoch smoke run on 320 toy images) with dupr.py's two changes. NOTE: 9,600
-# images (300 steps, about 3 minutes on 2 CPU cores) is what it takes for the total loss to fall
-# with the paper's lr and m: every g2g term falls, the local terms barely move (README: DetCo,
-# "What --tiny shows"). Every queue gets 32 keys a step, so 96 keys are the last 3 steps: no
-# queue holds an image's own older keys as negatives.
+# NOTE: dupr.py's tiny recipe: one epoch of 9,600 images (300 steps, about 3 minutes on 2 CPU
+# cores) is what it takes for the total loss to fall with the paper's lr and m: every g2g term
+# falls, the local terms barely move (README: DetCo, "What --tiny shows"). Every queue gets 32
+# keys a step, so 96 keys are the last 3 steps: no queue holds an image's own older keys.
 TINY = dict(data="synthetic", arch="resnet18", image_size=64, batch_size=32, queue_size=96, bn_batch=8,
             epochs=1, workers=2, print_freq=20)
 TINY_IMAGES = 9600

@@ -80,12 +80,11 @@ from common import (IMAGENET_MEAN, IMAGENET_STD, MomentumQueue, ResNetTrunk, ema
 # Arguments
 # ---------------------------------------------------------------------------------------
 
-# dilo.py's TINY (a 1-epoch smoke run on 320 toy images) with three changes. NOTE: 9,600 images
-# (300 steps, about 80 s on 2 CPU cores) is what it takes for all six loss terms to fall with the
-# paper's lr and m (README: DUPR, "What --tiny shows"); dilo.py's MoCo v2 alone shows no learning
-# in 300 steps, so it stays a 10-step smoke run. Every queue gets
-# 32 keys a step, so 96 keys are the last 3 steps: no queue holds an image's own older keys as
-# negatives. roi_size = the feature maps' sides at 64 px
+# NOTE: resnet18, 64 px, batch 32 and queue 96 as in dilo.py's TINY, but one epoch of 9,600 images
+# (300 steps, about 80 s on 2 CPU cores): that is what it takes for all six loss terms to fall
+# with the paper's lr and m (README: DUPR, "What --tiny shows"); MoCo v2 alone needs about 1,250
+# steps (dilo.py: TINY). Every queue gets 32 keys a step, so 96 keys are the last 3 steps: no
+# queue holds an image's own older keys as negatives. roi_size = the feature maps' sides at 64 px
 # (sec. 4.5.3: a larger S "will not acquire more useful information"; S = 14 on a 4 x 4 map
 # made a tiny step 1.6x slower).
 TINY = dict(data="synthetic", arch="resnet18", image_size=64, batch_size=32, queue_size=96, bn_batch=8,

@@ -246,7 +246,7 @@ def test_copy_paste_pixels_and_probabilities():
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("dilo_tiny")
-    dilo.main(dilo.get_args(["--tiny", "--output-dir", str(out), "--workers", "0"]))
+    dilo.main(dilo.get_args(["--tiny", "--epochs", "1", "--steps", "10", "--output-dir", str(out), "--workers", "0"]))
     return out
 
 
