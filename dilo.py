@@ -610,14 +610,19 @@ def embed(trunk, x):
 
 
 @torch.no_grad()
-def view_retrieval(trunk, held_out, batches, args, device):
-    """Top-1 of instance retrieval with no queue and no momentum encoder: two seeded MoCo v2
-    views of the held-out images in `batches`; how often is view 1's nearest view 2 its own?"""
+def view_retrieval(trunks, held_out, batches, args, device):
+    """Top-1 of instance retrieval with no queue and no momentum encoder, per trunk: two seeded
+    MoCo v2 views of the held-out images in `batches`; how often is view 1's nearest view 2 its own?"""
     seed_everything(args.seed)
     augment = moco_v2_augmentation(args.image_size)
-    views = [torch.cat([embed(trunk, torch.stack([augment(held_out[i][0]) for i in b]).to(device)) for b in batches])
-             for _ in range(2)]  # 2 x (G, C)
-    return ((views[0] @ views[1].t()).argmax(1).cpu() == torch.arange(len(views[0]))).float().mean().item()
+    views = [[[], []] for _ in trunks]  # per trunk, per view: (64, C) chunks
+    for v in range(2):  # every trunk sees the same views
+        for b in batches:
+            x = torch.stack([augment(held_out[i][0]) for i in b]).to(device)
+            for t, trunk in enumerate(trunks):
+                views[t][v].append(embed(trunk, x))
+    own = lambda one, two: ((one @ two.t()).argmax(1).cpu() == torch.arange(len(one))).float().mean().item()
+    return [own(torch.cat(one), torch.cat(two)) for one, two in views]
 
 
 def diagnose(args, queries=6, k=3, cell=128):
@@ -637,8 +642,9 @@ def diagnose(args, queries=6, k=3, cell=128):
         batches = [range(start, min(start + 64, len(held_out))) for start in range(0, len(held_out), 64)]
         keys = torch.cat([embed(trunk, torch.stack([prepare(held_out[i][0]) for i in b]).to(device)) for b in batches])  # (G, C)
     retrieval = batches[:16]  # up to 1024 images
-    top1 = view_retrieval(trunk, held_out, retrieval, args, device)
-    untrained = view_retrieval(ResNetTrunk(arch).to(device).eval(), held_out, retrieval, args, device)
+    seed_everything(args.seed)  # the untrained baseline is the same network on every call
+    baseline = ResNetTrunk(arch).to(device).eval()
+    top1, untrained = view_retrieval([trunk, baseline], held_out, retrieval, args, device)
     print(f"view retrieval top-1 {top1:.3f}, untrained {arch} {untrained:.3f}, chance "
           f"{1 / sum(map(len, retrieval)):.3f}: view 1 of a held-out image finds its own view 2")
     columns = ["query", "input gradient"] + [f"neighbour {i + 1}" for i in range(k)]
