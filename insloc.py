@@ -71,7 +71,7 @@ from common import (IMAGENET_MEAN, IMAGENET_STD, MomentumQueue, ResNetTrunk, ema
 # (300 steps do not move it). FPN's does not fall at tiny: at the paper's lr one SGD step moves
 # the box head's fc6 output (12,544 non-negative inputs) by half its norm, nearly all of it
 # along one direction shared by the batch, and the embeddings collapse (README: InsLoc, "What
-# --tiny shows here"). `--tiny --epochs 1 --steps 10` is a 10-step smoke run.
+# python insloc.py --tiny shows"). `--tiny --epochs 1 --steps 10` is a 10-step smoke run.
 TINY = dict(data="synthetic", arch="resnet18", image_size=64, batch_size=32, queue_size=96, bn_batch=8,
             epochs=8, workers=2, print_freq=20)
 TINY_IMAGES = 5000
