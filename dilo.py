@@ -9,7 +9,7 @@ with probability p per view, copies the foreground onto another background befor
 usual MoCo v2 augmentations ("Copy-and-paste for Background Augmentation"), so the two
 views of an image share the object but not always its background.
 
-    python dilo.py --tiny                                    # toy world, CPU, ~5 minutes: the loss falls
+    python dilo.py --tiny                                    # toy world, CPU, ~5.5 minutes: the loss falls
     torchrun --nproc_per_node=8 dilo.py --data /imagenet --saliency /imagenet_saliency
     torchrun --nnodes=2 --node_rank=0 --master_addr=HOST --master_port=29500 \\
         --nproc_per_node=8 dilo.py --data /imagenet --saliency /imagenet_saliency
@@ -615,14 +615,15 @@ def view_retrieval(trunks, held_out, batches, args, device):
     MoCo v2 views of the held-out images in `batches`; how often is view 1's nearest view 2 its own?"""
     seed_everything(args.seed)
     augment = moco_v2_augmentation(args.image_size)
-    views = [[[], []] for _ in trunks]  # per trunk, per view: (64, C) chunks
-    for v in range(2):  # every trunk sees the same views
+    views = []  # 2 x (trunks, G, C): every trunk embeds the same two views
+    for _ in range(2):
+        chunks = []  # 64 images at a time
         for b in batches:
             x = torch.stack([augment(held_out[i][0]) for i in b]).to(device)
-            for t, trunk in enumerate(trunks):
-                views[t][v].append(embed(trunk, x))
-    own = lambda one, two: ((one @ two.t()).argmax(1).cpu() == torch.arange(len(one))).float().mean().item()
-    return [own(torch.cat(one), torch.cat(two)) for one, two in views]
+            chunks.append(torch.stack([embed(trunk, x) for trunk in trunks]))  # (trunks, 64, C)
+        views.append(torch.cat(chunks, dim=1))
+    own = (views[0] @ views[1].transpose(1, 2)).argmax(2).cpu() == torch.arange(views[0].shape[1])  # (trunks, G)
+    return own.float().mean(1).tolist()
 
 
 def diagnose(args, queries=6, k=3, cell=128):
