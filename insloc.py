@@ -69,7 +69,7 @@ from common import (IMAGENET_MEAN, IMAGENET_STD, MomentumQueue, ResNetTrunk, ema
 # NOTE: --tiny is dilo.py's tiny recipe (8 epochs of 5,000 toy images, K 96, 1,248 steps, the
 # paper's lr and m): about 14 minutes on 2 CPU cores, in which C4's loss falls as MoCo v2's does
 # (300 steps do not move it). FPN's does not fall at tiny: its embeddings collapse in the first
-# steps (mean cosine 0.99), not only through its over-driven fc6 (README: InsLoc, "What
+# steps (mean cosine 0.99) even with fc6's lr cut 10x (README: InsLoc, "What
 # python insloc.py --tiny shows"). `--tiny --epochs 1 --steps 10` is a 10-step smoke run.
 TINY = dict(data="synthetic", arch="resnet18", image_size=64, batch_size=32, queue_size=96, bn_batch=8,
             epochs=8, workers=2, print_freq=20)
