@@ -68,9 +68,11 @@ from common import (IMAGENET_MEAN, IMAGENET_STD, MomentumQueue, ResNetTrunk, ema
 
 # NOTE: --tiny is dilo.py's tiny recipe (8 epochs of 5,000 toy images, K 96, 1,248 steps, the
 # paper's lr and m): about 14 minutes on 2 CPU cores, in which C4's loss falls as MoCo v2's does
-# (300 steps do not move it). FPN's does not fall at tiny: its embeddings collapse in the first
-# steps (mean cosine 0.99) even with fc6's lr cut 10x (README: InsLoc, "What
-# python insloc.py --tiny shows"). `--tiny --epochs 1 --steps 10` is a 10-step smoke run.
+# (300 steps do not move it). With the paper's lr on every layer FPN's does not fall at tiny: the
+# layers on the trunk (FPN, box head, projection) make its query embeddings collapse in the first
+# steps (mean cosine 0.99, also at 0.1x their lr). So --tiny --variant fpn trains them at 0.01x
+# the lr (--head-lr-scale; the trunk keeps the paper's); the full recipe keeps 1 (README: InsLoc,
+# "What python insloc.py --tiny shows"). `--tiny --epochs 1 --steps 10` is a 10-step smoke run.
 TINY = dict(data="synthetic", arch="resnet18", image_size=64, batch_size=32, queue_size=96, bn_batch=8,
             epochs=8, workers=2, print_freq=20)
 TINY_IMAGES = 5000
@@ -103,12 +105,17 @@ def get_args(argv=None):
     parser.add_argument("--box-aug", action=argparse.BooleanOptionalAction, default=True, help="query pools a random anchor with IoU > 0.5 (sec. 4.2)")
     parser.add_argument("--fg-ratio", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
                         help="foreground aspect ratio range w/h (default: 1/3 3 for c4, 1/2 2 for fpn; footnote 3)")
+    parser.add_argument("--head-lr-scale", type=float, default=None,
+                        help="lr multiplier of the layers on the trunk (c4: MLP; fpn: FPN, box head, projection); "
+                             "default 1 (the paper), 0.01 for --tiny --variant fpn")
     args = parser.parse_args(argv)
     if args.tiny:  # the tiny recipe replaces defaults only: explicit flags still win
         parser.set_defaults(**TINY)
         args = parser.parse_args(argv)
     if args.fg_ratio is None:
         args.fg_ratio = [1 / 3, 3.0] if args.variant == "c4" else [1 / 2, 2.0]
+    if args.head_lr_scale is None:  # NOTE above TINY: FPN's head collapses at tiny with the paper's lr
+        args.head_lr_scale = 0.01 if args.tiny and args.variant == "fpn" else 1.0
     return args
 
 
@@ -333,7 +340,7 @@ def info_nce(q, k, queue, tau):  # Same as in dilo.py, dupr.py, detco.py
 # ---------------------------------------------------------------------------------------
 
 
-def train_one_epoch(model, loader, optimizer, epoch, args, log):  # Same as in dilo.py, dupr.py, detco.py
+def train_one_epoch(model, loader, optimizer, epoch, args, log):  # As in dilo.py, dupr.py, detco.py + lr_scale
     """One epoch (or --steps iterations): cosine lr per iteration, bf16 autocast, NaN guard, logs."""
     model.train()
     steps = min(args.steps, len(loader)) if args.steps else len(loader)
@@ -345,7 +352,7 @@ def train_one_epoch(model, loader, optimizer, epoch, args, log):  # Same as in d
         data_time = time.time() - end
         lr = args.lr_actual * 0.5 * (1 + math.cos(math.pi * (epoch + it / steps) / args.epochs))
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_scale"]  # --head-lr-scale for the layers on the trunk
         batch = [t.to(args.device, non_blocking=True) for t in batch]
         if args.device.type == "cuda":  # NHWC convolutions are faster under bf16
             batch = [t.to(memory_format=torch.channels_last) if t.dim() == 4 else t for t in batch]
@@ -499,12 +506,16 @@ def main(args):
     if args.device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     # NOTE: Nesterov momentum, the InsLoc recipe (dilo.py: plain momentum).
-    optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=args.lr_actual, momentum=0.9, nesterov=True, weight_decay=args.wd)
+    heads = [p for name, p in model.encoder_q.named_parameters() if not name.startswith("backbone.")]
+    groups = [{"params": model.encoder_q.backbone.parameters(), "lr_scale": 1.0},
+              {"params": heads, "lr_scale": args.head_lr_scale}]
+    optimizer = torch.optim.SGD(groups, lr=args.lr_actual, momentum=0.9, nesterov=True, weight_decay=args.wd)
     start_epoch = load_checkpoint(model, optimizer, args)
+    optimizer.param_groups[1]["lr_scale"] = args.head_lr_scale  # the flag, not the checkpoint's value
     if args.is_main:
         count = lambda module: sum(p.numel() for p in module.parameters())
         print(f"world size {args.world_size}, device {args.device}, global batch {args.batch_size}, "
-              f"lr {args.lr_actual:.4f} (= {args.lr} x {args.batch_size}/256), {len(dataset)} images, "
+              f"lr {args.lr_actual:.4f} (= {args.lr} x {args.batch_size}/256; heads x {args.head_lr_scale:g}), {len(dataset)} images, "
               f"backbone {count(model.encoder_q.backbone) / 1e6:.2f}M, "
               f"heads {(count(model.encoder_q) - count(model.encoder_q.backbone)) / 1e6:.2f}M params")
     ddp_model = model

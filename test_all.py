@@ -925,6 +925,19 @@ def test_insloc_fpn_backbone_loads_into_torchvision(_insloc_fpn_run):
         assert torch.equal(value, model[f"encoder_q.box_head.{key}"])
 
 
+def test_insloc_head_lr_scale(_insloc_fpn_run):
+    """--tiny --variant fpn trains the layers on the trunk at 0.01x the lr; the paper's recipe at 1x."""
+    assert insloc.get_args(["--variant", "fpn"]).head_lr_scale == 1.0
+    assert insloc.get_args(["--tiny"]).head_lr_scale == 1.0
+    assert insloc.get_args(["--tiny", "--variant", "fpn", "--head-lr-scale", "0.5"]).head_lr_scale == 0.5
+    trunk, heads = torch.load(_insloc_fpn_run / "checkpoint.pth", weights_only=True)["optimizer"]["param_groups"]
+    assert (trunk["lr_scale"], heads["lr_scale"]) == (1.0, 0.01)
+    assert heads["lr"] == pytest.approx(0.01 * trunk["lr"]) and trunk["lr"] > 0
+    encoder = insloc.InsLoc(insloc.get_args(INSLOC_SMALL + ["--variant", "fpn"])).encoder_q
+    assert len(trunk["params"]) == len(list(encoder.backbone.parameters()))
+    assert len(heads["params"]) == len(list(encoder.parameters())) - len(trunk["params"])
+
+
 def test_insloc_c4_trains_and_preview(tmp_path):
     insloc.main(insloc.get_args(INSLOC_SMALL + ["--steps", "2", "--epochs", "1", "--output-dir", str(tmp_path)]))
     state = torch.load(tmp_path / "backbone.pth", weights_only=True)
