@@ -11,7 +11,7 @@ a random anchor overlapping the true box. Sec. 4.3: the RoI head is the detector
 (R50-C4: res5 on RoIAlign of res4; R50-FPN: FPN + a 4conv1fc head on every level).
 
     python insloc.py --tiny                                  # toy world, CPU, R18-C4, about 14 min
-    python insloc.py --tiny --variant fpn --epochs 1         # the FPN variant end to end (its loss does not fall at tiny)
+    python insloc.py --tiny --variant fpn                    # R18-FPN, heads at 0.01x the lr, about 21 min
     torchrun --nproc_per_node=8 insloc.py --data /imagenet --variant c4
     torchrun --nproc_per_node=8 insloc.py --data /imagenet --variant fpn --output-dir runs/insloc_fpn
     torchrun --nnodes=2 --node_rank=0 --master_addr=HOST --master_port=29500 \\
