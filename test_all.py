@@ -366,7 +366,7 @@ def _rbd_centre_prior(h, w, sigma=0.25):
 
 
 def test_rbd_beats_centre_prior_on_toy_world():
-    """200 toy images of 96..128 px: RBD is far better than a centred Gaussian (README numbers)."""
+    """200 toy images of 96..128 px: RBD is far better than a centred Gaussian (docs/rbd.md numbers)."""
     world, rbd, centre = common.ToyWorld(200, 128), [], []
     for i in range(len(world)):
         image, target = world[i]
