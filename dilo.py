@@ -313,7 +313,7 @@ def rbd_saliency(image, sigma_spa=0.4, mu=0.1, lambda_bg=5.0):
     # nearest 1-ring / 2-ring neighbour, meanTop = mean of the largest 1% of distances between neighbours.
     mean_min1, mean_min2 = (np.where(ring & ~np.eye(N, dtype=bool), d_app, np.inf).min(1).mean() for ring in (ring1, ring2))
     edges = np.sort(d_app[np.triu(ring1, 1)])[::-1]
-    mean_top = edges[:max(1, round(0.01 * len(edges)))].mean()
+    mean_top = edges[:max(1, round(0.01 * len(edges)))].mean() if len(edges) else 0.0  # no pair: a 1-superpixel image
     sigma_geo, sigma_clr = max(5, min(10, 3 * mean_min1, mean_top / 10)), min(3 * mean_min1, 0.2 * mean_top, 20)
     # Eq. 1, soft: geodesic distances on the graph with every boundary pair linked, edges clipped by meanMin2.
     boundary_pairs = boundary[:, None] & boundary[None]

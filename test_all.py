@@ -1462,7 +1462,7 @@ if __name__ == "__main__":
 # --- RBD against Zhu et al.'s reference code (issue 19) ---
 
 
-def test_rbd_rings_match_brute_force_neighbours():
+def test_rbd_rings_match_brute_force_neighbours(recwarn):
     """superpixel_rings: 1-ring = 4-adjacent pixels (or itself), 2-ring = a 1-ring neighbour's 1-ring."""
     labels = np.asarray(Image.fromarray(np.random.default_rng(0).integers(0, 9, (4, 5), dtype=np.uint8)).resize((15, 12), Image.NEAREST))
     labels = np.unique(labels, return_inverse=True)[1].reshape(labels.shape)
@@ -1476,6 +1476,8 @@ def test_rbd_rings_match_brute_force_neighbours():
     ring2 = np.array([[any(ring1[a, c] and ring1[c, b] for c in range(N)) for b in range(N)] for a in range(N)])
     rings = dilo.superpixel_rings(labels)
     assert (rings[0] == ring1).all() and (rings[1] == ring2).all() and (ring2 & ~ring1).any()
+    assert (dilo.rbd_saliency(Image.new("RGB", (1, 1))) == 0).all()  # one superpixel, no pair: no NaN, no warning
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
 
 
 def test_rbd_otsu_and_three_sigma_weights_match_plain_computations():
