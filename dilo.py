@@ -307,10 +307,11 @@ def rbd_saliency(image, sigma_spa=0.4, mu=0.1, lambda_bg=5.0):
     ring1, ring2 = superpixel_rings(labels)  # (N, N) each
     # "Boundary" = superpixels touching a border band: 8 px at the reference superpixel size (~24 px).
     band = max(1, round(math.sqrt(H * W / N) / 3))
-    boundary = np.bincount(np.concatenate([labels[:band], labels[-band:], labels[:, :band].T, labels[:, -band:].T], axis=None), minlength=N) > 0
+    strips = [labels[:band], labels[-band:], labels[:, :band].T, labels[:, -band:].T]  # top, bottom, left, right
+    boundary = np.bincount(np.concatenate(strips, axis=None), minlength=N) > 0
     d_app, d_spa = (np.sqrt(((f[:, None] - f[None]) ** 2).sum(-1)) for f in (colour, position))  # (N, N) Lab, xy
-    # Adaptive parameters (reference EstimateDynamicParas): meanMin1 / meanMin2 = mean Lab distance to the
-    # nearest 1-ring / 2-ring neighbour, meanTop = mean of the largest 1% of distances between neighbours.
+    # NOTE: adaptive parameters as the reference's EstimateDynamicParas, not the paper's fixed ones: meanMin1 / meanMin2 =
+    # mean Lab distance to the nearest 1-ring / 2-ring neighbour, meanTop = mean of the largest 1% of neighbour distances.
     mean_min1, mean_min2 = (np.where(ring & ~np.eye(N, dtype=bool), d_app, np.inf).min(1).mean() for ring in (ring1, ring2))
     edges = np.sort(d_app[np.triu(ring1, 1)])[::-1]
     mean_top = edges[:max(1, round(0.01 * len(edges)))].mean() if len(edges) else 0.0  # no pair: a 1-superpixel image
@@ -321,11 +322,11 @@ def rbd_saliency(image, sigma_spa=0.4, mu=0.1, lambda_bg=5.0):
     S_geo = gaussian_weights(d_geo, sigma_geo)  # (N, N) soft "same region"
     bnd_con = S_geo[:, boundary].sum(1) / np.sqrt(S_geo.sum(1))  # Len_bnd / sqrt(Area)
     w_bg = 1 - np.exp(-bnd_con ** 2 / 2)  # eq. 2: background probability, sigma_bndCon = 1
-    w_ctr = (d_app * gaussian_weights(d_spa, sigma_spa)) @ w_bg  # eq. 5, background-weighted contrast
+    w_ctr = (d_app * gaussian_weights(d_spa, sigma_spa)) @ w_bg  # eq. 5; NOTE: sigma_spa 0.4 as the reference (paper: 0.25)
     w_fg = (w_ctr - w_ctr.min()) / (w_ctr.max() - w_ctr.min() + 1e-12)
-    w_fg[w_fg < otsu_threshold(w_fg)] = 0  # the reference zeroes the contrast below Otsu's threshold
-    # Eq. 9, a linear system: min sum w_bg s^2 + sum w_fg (s - 1)^2 + sum_ij w_ij (s_i - s_j)^2. As the reference:
-    # w_ij over 2-ring neighbours and boundary pairs, plus mu on the 1-ring; lambda_bg 5; w_bg 1000 where BndCon > 3.
+    w_fg[w_fg < otsu_threshold(w_fg)] = 0  # NOTE: not in the paper; the reference zeroes what is below Otsu's threshold
+    # Eq. 9, a linear system: min sum w_bg s^2 + sum w_fg (s - 1)^2 + sum_ij w_ij (s_i - s_j)^2. NOTE: as the reference,
+    # not the paper: w_ij over 2-ring neighbours and boundary pairs (+ mu on the 1-ring), lambda_bg 5, w_bg 1000 where BndCon > 3.
     w_ij = gaussian_weights(np.where(ring2 | boundary_pairs, d_app, np.inf), sigma_clr) + mu * ring1
     system = np.diag(w_ij.sum(1) + lambda_bg * np.where(bnd_con > 3, 1000, w_bg) + w_fg) - w_ij
     s = np.linalg.solve(system, w_fg)
