@@ -264,14 +264,35 @@ def slic(lab, n_segments, compactness=20.0, iterations=10):
 
 def all_pairs_shortest_paths(weights):
     """Floyd-Warshall on an (N, N) matrix of edge lengths (inf = no edge), vectorised over pairs."""
-    distance = weights.copy()
-    np.fill_diagonal(distance, 0)
+    distance = np.where(np.eye(len(weights), dtype=bool), 0, weights)
     for k in range(len(distance)):
         np.minimum(distance, distance[:, k, None] + distance[None, k, :], out=distance)
     return distance
 
 
-def rbd_saliency(image, sigma_geo=7.0, sigma_spa=0.25, sigma_clr=10.0, mu=0.1, lambda_bg=5.0):
+def superpixel_rings(labels):
+    """(H, W) labels 0..N-1 -> (N, N) bool 1-ring (4-adjacent pixels) and 2-ring, self included."""
+    ring1 = np.eye(labels.max() + 1, dtype=bool)
+    for a, b in ((labels[:, :-1], labels[:, 1:]), (labels[:-1], labels[1:])):
+        ring1[a.ravel(), b.ravel()] = ring1[b.ravel(), a.ravel()] = True
+    return ring1, (ring1.astype(np.float32) @ ring1.astype(np.float32)) > 0
+
+
+def gaussian_weights(distance, sigma):
+    """exp(-d^2 / (2 sigma^2)), 0 beyond 3 sigma (reference Dist2WeightMatrix); sigma 0 keeps d = 0 only."""
+    return np.where(distance <= 3 * sigma, np.exp(-distance ** 2 / (2 * sigma ** 2 + 1e-12)), 0)
+
+
+def otsu_threshold(values):
+    """Otsu's threshold of values in [0, 1] over 256 bins, as MATLAB's graythresh (ties averaged)."""
+    counts = np.bincount(np.round(255 * values).astype(int), minlength=256)
+    omega, mu = np.cumsum(counts) / counts.sum(), np.cumsum(counts * np.arange(256)) / counts.sum()
+    with np.errstate(divide="ignore", invalid="ignore"):  # 0/0 where a class is empty
+        between = np.nan_to_num((mu[-1] * omega - mu) ** 2 / (omega * (1 - omega)), nan=-1)  # between-class variance
+    return np.flatnonzero(between == between.max()).mean() / 255 if between.max() >= 0 else 0.0
+
+
+def rbd_saliency(image, sigma_spa=0.4, mu=0.1, lambda_bg=5.0):
     """RBD saliency of a PIL image -> (H, W) float32 map in [0, 1] at the image's resolution."""
     scale = min(1.0, RBD_MAX_SIDE / max(image.size))
     small = image.convert("RGB").resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.BILINEAR)
@@ -283,30 +304,31 @@ def rbd_saliency(image, sigma_geo=7.0, sigma_spa=0.25, sigma_clr=10.0, mu=0.1, l
     features = np.concatenate([lab, ys[..., None] / H, xs[..., None] / W], -1).reshape(-1, 5)  # Lab, y, x in [0, 1)
     means = np.stack([np.bincount(labels.ravel(), f, N) for f in features.T], 1) / np.bincount(labels.ravel())[:, None]
     colour, position = means[:, :3], means[:, 3:]  # (N, 3), (N, 2)
-    # Graph: superpixels are adjacent when two of their pixels are 4-neighbours.
-    adjacent = np.zeros((N, N), dtype=bool)
-    for a, b in ((labels[:, :-1], labels[:, 1:]), (labels[:-1], labels[1:])):
-        adjacent[a.ravel(), b.ravel()] = True
-    adjacent |= adjacent.T
-    np.fill_diagonal(adjacent, False)
+    ring1, ring2 = superpixel_rings(labels)  # (N, N) each
     # "Boundary" = superpixels touching a border band: 8 px at the reference superpixel size (~24 px).
     band = max(1, round(math.sqrt(H * W / N) / 3))
-    border = np.ones((H, W), dtype=bool)
-    border[band:H - band, band:W - band] = False
-    boundary = np.bincount(labels[border], minlength=N) > 0
-    d_app = np.sqrt(((colour[:, None] - colour[None]) ** 2).sum(-1))  # (N, N) Lab distances
-    clip = np.where(adjacent, d_app, np.inf).min(1).mean()  # mean distance to the nearest neighbour
-    linked = adjacent | (boundary[:, None] & boundary[None])  # NOTE: reference code links the border
-    d_geo = all_pairs_shortest_paths(np.where(linked, np.maximum(0, d_app - clip), np.inf))  # (N, N)
-    S_geo = np.exp(-d_geo ** 2 / (2 * sigma_geo ** 2))  # soft "same region" between superpixels
-    bnd_con = (S_geo * boundary).sum(1) / np.sqrt(S_geo.sum(1))  # eq. 1, soft: Len_bnd / sqrt(Area)
-    w_bg = 1 - np.exp(-bnd_con ** 2 / 2)  # background probability, sigma_bndCon = 1
-    d_spa = np.sqrt(((position[:, None] - position[None]) ** 2).sum(-1))
-    w_ctr = (d_app * np.exp(-d_spa ** 2 / (2 * sigma_spa ** 2)) * w_bg[None]).sum(1)  # background-weighted contrast
+    strips = [labels[:band], labels[-band:], labels[:, :band].T, labels[:, -band:].T]  # top, bottom, left, right
+    boundary = np.bincount(np.concatenate(strips, axis=None), minlength=N) > 0
+    d_app, d_spa = (np.sqrt(((f[:, None] - f[None]) ** 2).sum(-1)) for f in (colour, position))  # (N, N) Lab, xy
+    # NOTE: adaptive parameters as the reference's EstimateDynamicParas, not the paper's fixed ones: meanMin1 / meanMin2 =
+    # mean Lab distance to the nearest 1-ring / 2-ring neighbour, meanTop = mean of the largest 1% of neighbour distances.
+    mean_min1, mean_min2 = (np.where(ring & ~np.eye(N, dtype=bool), d_app, np.inf).min(1).mean() for ring in (ring1, ring2))
+    edges = np.sort(d_app[np.triu(ring1, 1)])[::-1]
+    mean_top = edges[:max(1, round(0.01 * len(edges)))].mean() if len(edges) else 0.0  # no pair: a 1-superpixel image
+    sigma_geo, sigma_clr = max(5, min(10, 3 * mean_min1, mean_top / 10)), min(3 * mean_min1, 0.2 * mean_top, 20)
+    # Eq. 1, soft: geodesic distances on the graph with every boundary pair linked, edges clipped by meanMin2.
+    boundary_pairs = boundary[:, None] & boundary[None]
+    d_geo = all_pairs_shortest_paths(np.where(ring1 | boundary_pairs, np.maximum(0, d_app - mean_min2), np.inf))
+    S_geo = gaussian_weights(d_geo, sigma_geo)  # (N, N) soft "same region"
+    bnd_con = S_geo[:, boundary].sum(1) / np.sqrt(S_geo.sum(1))  # Len_bnd / sqrt(Area)
+    w_bg = 1 - np.exp(-bnd_con ** 2 / 2)  # eq. 2: background probability, sigma_bndCon = 1
+    w_ctr = (d_app * gaussian_weights(d_spa, sigma_spa)) @ w_bg  # eq. 5; NOTE: sigma_spa 0.4 as the reference (paper: 0.25)
     w_fg = (w_ctr - w_ctr.min()) / (w_ctr.max() - w_ctr.min() + 1e-12)
-    # Eq. 9: min sum w_bg s^2 + sum w_fg (s - 1)^2 + sum_ij w_ij (s_i - s_j)^2, a linear system.
-    w_ij = np.where(adjacent, np.exp(-d_app ** 2 / (2 * sigma_clr ** 2)) + mu, 0)
-    system = np.diag(w_ij.sum(1) + lambda_bg * w_bg + w_fg) - w_ij  # NOTE: lambda_bg 5 as the reference code
+    w_fg[w_fg < otsu_threshold(w_fg)] = 0  # NOTE: not in the paper; the reference zeroes what is below Otsu's threshold
+    # Eq. 9, a linear system: min sum w_bg s^2 + sum w_fg (s - 1)^2 + sum_ij w_ij (s_i - s_j)^2. NOTE: as the reference,
+    # not the paper: w_ij over 2-ring neighbours and boundary pairs (+ mu on the 1-ring), lambda_bg 5, w_bg 1000 where BndCon > 3.
+    w_ij = gaussian_weights(np.where(ring2 | boundary_pairs, d_app, np.inf), sigma_clr) + mu * ring1
+    system = np.diag(w_ij.sum(1) + lambda_bg * np.where(bnd_con > 3, 1000, w_bg) + w_fg) - w_ij
     s = np.linalg.solve(system, w_fg)
     s = (s - s.min()) / (s.max() - s.min() + 1e-12)
     saliency = Image.fromarray(s[labels].astype(np.float32)).resize(image.size, Image.BILINEAR)

@@ -366,7 +366,7 @@ def _rbd_centre_prior(h, w, sigma=0.25):
 
 
 def test_rbd_beats_centre_prior_on_toy_world():
-    """200 toy images of 96..128 px: RBD is far better than a centred Gaussian (README numbers)."""
+    """200 toy images of 96..128 px: RBD is far better than a centred Gaussian (docs/rbd.md numbers)."""
     world, rbd, centre = common.ToyWorld(200, 128), [], []
     for i in range(len(world)):
         image, target = world[i]
@@ -1457,3 +1457,70 @@ def test_detect_sampler_groups_and_resumes_and_schedule(tmp_path):
 
 if __name__ == "__main__":
     sys.exit(pytest.main(["-q", __file__]))
+
+
+# --- RBD against Zhu et al.'s reference code (issue 19) ---
+
+
+def test_rbd_rings_match_brute_force_neighbours(recwarn):
+    """superpixel_rings: 1-ring = 4-adjacent pixels (or itself), 2-ring = a 1-ring neighbour's 1-ring."""
+    labels = np.asarray(Image.fromarray(np.random.default_rng(0).integers(0, 9, (4, 5), dtype=np.uint8)).resize((15, 12), Image.NEAREST))
+    labels = np.unique(labels, return_inverse=True)[1].reshape(labels.shape)
+    N, H, W = labels.max() + 1, *labels.shape
+    ring1 = np.eye(N, dtype=bool)
+    for y in range(H):
+        for x in range(W):
+            for v, u in ((y + 1, x), (y, x + 1)):
+                if v < H and u < W:
+                    ring1[labels[y, x], labels[v, u]] = ring1[labels[v, u], labels[y, x]] = True
+    ring2 = np.array([[any(ring1[a, c] and ring1[c, b] for c in range(N)) for b in range(N)] for a in range(N)])
+    rings = dilo.superpixel_rings(labels)
+    assert (rings[0] == ring1).all() and (rings[1] == ring2).all() and (ring2 & ~ring1).any()
+    assert (dilo.rbd_saliency(Image.new("RGB", (1, 1))) == 0).all()  # one superpixel, no pair: no NaN, no warning
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+
+
+def test_rbd_otsu_and_three_sigma_weights_match_plain_computations():
+    rng = np.random.default_rng(0)
+    values = np.clip(np.concatenate([rng.normal(0.2, 0.08, 300), rng.normal(0.7, 0.1, 100)]), 0, 1)
+    q = np.round(255 * values)
+    between = [(q <= k).mean() * (q > k).mean() * (q[q <= k].mean() - q[q > k].mean()) ** 2 if (q <= k).any() and (q > k).any()
+               else -1 for k in range(256)]  # Otsu: the split with the largest between-class variance
+    assert dilo.otsu_threshold(values) == pytest.approx(np.flatnonzero(between == np.max(between)).mean() / 255)  # ties: their mean
+    assert dilo.otsu_threshold(np.full(10, 0.3)) == 0  # one class only: MATLAB's graythresh returns 0
+    d = np.array([0.0, 1.0, 2.9, 3.0, 3.1, np.inf])
+    assert np.allclose(dilo.gaussian_weights(d, 1.0), [1, np.exp(-0.5), np.exp(-2.9 ** 2 / 2), np.exp(-4.5), 0, 0])
+    assert (dilo.gaussian_weights(d, 0.0) == [1, 0, 0, 0, 0, 0]).all()  # a flat image: no NaN
+
+
+def test_rbd_steps_follow_the_reference_code(monkeypatch):
+    """Inside rbd_saliency: meanMin2 clip, adaptive sigmas, sigma_spa 0.4, Otsu zeroing, background
+    weight 1000 where BndCon > 3, smoothness over 2-ring neighbours and boundary pairs."""
+    seen = {"weights": []}
+    spy = lambda name, f: monkeypatch.setattr(dilo, name, lambda *a: seen.setdefault(name, (a, f(*a)))[1])
+    for name in ("superpixel_rings", "all_pairs_shortest_paths", "otsu_threshold"):
+        spy(name, getattr(dilo, name))
+    gaussian, solve = dilo.gaussian_weights, np.linalg.solve
+    monkeypatch.setattr(dilo, "gaussian_weights", lambda d, sigma: seen["weights"].append((d, sigma)) or gaussian(d, sigma))
+    monkeypatch.setattr(np.linalg, "solve", lambda a, b: seen.setdefault("solve", (a, b)) and solve(a, b))
+    rgb = np.random.default_rng(0).integers(100, 150, (120, 160, 3)).astype(np.uint8)
+    rgb[40:90, 50:110] = (220, 40, 40)
+    dilo.rbd_saliency(Image.fromarray(rgb))
+    (_, (ring1, ring2)), ((graph,), d_geo) = seen["superpixel_rings"], seen["all_pairs_shortest_paths"]
+    (_, sigma_geo), (_, sigma_spa), (d_smooth, sigma_clr) = seen["weights"]
+    links, off = np.isfinite(d_smooth), ~np.eye(len(ring1), dtype=bool)
+    assert (links == (ring2 | np.isfinite(graph))).all() and (links & ~ring2).any()  # 2-ring plus boundary pairs
+    d_app = np.where(links, d_smooth, np.nan)  # Lab distances, known on every link
+    mean_min1, mean_min2 = (np.nanmin(np.where(r & off, d_app, np.nan), 1).mean() for r in (ring1, ring2))
+    edges = np.sort(d_app[np.triu(ring1, 1)])[::-1]
+    mean_top = edges[:max(1, round(0.01 * len(edges)))].mean()
+    clipped = np.isfinite(graph) & off & (graph > 0)
+    assert mean_min2 < mean_min1 and np.allclose(d_app[clipped] - graph[clipped], mean_min2)  # edges clipped by meanMin2
+    assert sigma_geo == pytest.approx(max(5, min(10, 3 * mean_min1, mean_top / 10)))
+    assert sigma_clr == pytest.approx(min(3 * mean_min1, 0.2 * mean_top, 20)) and sigma_spa == 0.4
+    (contrast,), threshold = seen["otsu_threshold"]
+    system, w_fg = seen["solve"]
+    assert 0 < threshold < 1 and (w_fg == np.where(contrast < threshold, 0, contrast)).all()  # Otsu zeroing
+    background = (system.sum(1) - w_fg) / 5  # D - W has zero row sums: what is left is the background weight
+    certain = np.isclose(background, 1000)
+    assert certain.sum() >= 10 and (background[~certain] < 1).all() and np.isclose(background[~certain], 0).sum() >= 1
