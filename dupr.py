@@ -374,14 +374,16 @@ NORMALISE = T.Compose([T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 COLOURS = ("red", "blue", "green", "orange", "purple", "brown", "magenta", "teal")
 
 
-def sample_rois(box, targets, width, height, generator, candidates=32, steps=30):
+def sample_rois(box, targets, width, height, generator, candidates=64, steps=30):
     """RoIs in the image whose IoU with the ground-truth box G (4,) is each of `targets` (T,): per t, a
-    random box `far` in the image with IoU(G, far) <= t (else the lowest of them), then bisection on the
+    random box `far` in the image (sides log-uniform) with IoU(G, far) <= t (else the lowest), then bisection on the
     segment B(lam) = (1 - lam) G + lam far, whose IoU is 1 at lam = 0 and continuous, so it crosses t.
     Returns rois (T, 4) and their actual IoU (T,)."""
     n = len(targets)
-    corners = torch.rand(n, candidates, 2, 2, generator=generator) * torch.tensor([width, height])  # (T, n, 2, xy)
-    boxes = torch.cat([corners.min(2).values, corners.max(2).values], dim=2)  # (T, n, 4) xyxy
+    size = torch.tensor([float(width), float(height)])
+    sides = size ** torch.rand(n, candidates, 2, generator=generator)  # (T, n, 2) log-uniform in [1, image side]
+    corner = torch.rand(n, candidates, 2, generator=generator) * (size - sides)  # uniform position in the image
+    boxes = torch.cat([corner, corner + sides], dim=2)  # (T, n, 4) xyxy
     iou = torchvision.ops.box_iou(box[None], boxes.flatten(0, 1)).reshape(n, candidates)
     pick = torch.where(iou <= targets[:, None], torch.rand(n, candidates, generator=generator), -iou)  # feasible first
     far = boxes[torch.arange(n), pick.argmax(1)]  # (T, 4)
