@@ -376,9 +376,10 @@ COLOURS = ("red", "blue", "green", "orange", "purple", "brown", "magenta", "teal
 
 def sample_rois(box, targets, width, height, generator, candidates=64, steps=30):
     """RoIs in the image whose IoU with the ground-truth box G (4,) is each of `targets` (T,): per t, a
-    random box `far` in the image (sides log-uniform) with IoU(G, far) <= t (else the lowest), then bisection on the
-    segment B(lam) = (1 - lam) G + lam far, whose IoU is 1 at lam = 0 and continuous, so it crosses t.
-    Returns rois (T, 4) and their actual IoU (T,)."""
+    random box `far` in the image (sides log-uniform) with IoU(G, far) <= t (else the lowest), then
+    bisection on the segment B(lam) = (1 - lam) G + lam far, whose IoU is 1 at lam = 0 and continuous,
+    so it crosses t. Returns rois (T, 4) and their actual IoU (T,).
+    NOTE: sec. 4.6 does not say how its RoIs are drawn; this sampler is ours (docs/analysis.md)."""
     n = len(targets)
     size = torch.tensor([float(width), float(height)])
     sides = size ** torch.rand(n, candidates, 2, generator=generator)  # (T, n, 2) log-uniform in [1, image side]
@@ -437,7 +438,8 @@ def correspondence(trunks, labels, held_out, size, seed, device, path, shown=3, 
     """Fig. 7: two training views (MoCoV2ViewWithBox) per image; each conv4_x cell of view 1 is matched
     to its most similar (cosine) cell of view 2. Returns per trunk the share of matches within one cell
     (Chebyshev distance <= 1) of the true cell, and that share for a uniformly random match. Draws the
-    first `shown` images: view 1 | view 2 per trunk, a line per cell to its match (green: within one)."""
+    first `shown` images: view 1 | view 2 per trunk, a line per cell to its match (green: within one).
+    NOTE: Fig. 7 is qualitative (and its models have losses on conv5_x only); the share is ours."""
     seed_everything(seed)
     sheet = Image.new("RGB", (2 * cell * len(trunks), 16 + cell * shown), "white")
     draw, augment = ImageDraw.Draw(sheet), MoCoV2ViewWithBox(size)

@@ -400,7 +400,9 @@ def grid_boxes(width, height, M=9):
 def box_features(trunk, image, boxes, size, roi, device):
     """(n, C) frozen features of `boxes` (n, 4) of a PIL image: each box's crop resized to size x size ->
     the trunk -> global average pool of conv5_x (the last level); roi=True: RoIAlign 14 x 14 of the full
-    image's conv4_x -> conv5_x -> average pool (the C4 detector's RoI head, as EncoderC4)."""
+    image's conv4_x -> conv5_x -> average pool (the C4 detector's RoI head, as EncoderC4).
+    NOTE: sec. 5.2 forwards each patch, pools RoI features and runs "the head network"; a backbone
+    file has no head, so the pooled trunk output is read (the same for every method)."""
     if roi:
         c4 = trunk.forward_to_res4(NORMALISE(image)[None].to(device))
         index = torch.zeros(len(boxes), dtype=torch.long, device=device)
@@ -469,7 +471,8 @@ def draw_bars(groups, labels, path, height=300):
 def readout(args):
     """--readout: Table 3a's localization (patch index of a 3 x 3 grid) and classification (object category
     of a ground-truth box) linear readouts, and view retrieval -> readout.json and readout.png. The linear
-    classifiers train on the first half of the held-out images and are tested on the second half."""
+    classifiers train on the first half of the held-out images and are tested on the second half.
+    NOTE: the paper's Cls is ImageNet linear classification of whole images; here the objects' boxes."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     trunks = [load_backbone(path, "--readout")[0].to(device) for path in args.readout]
     labels = [os.path.join(os.path.basename(os.path.dirname(os.path.abspath(p))), os.path.basename(p)) for p in args.readout]
