@@ -415,9 +415,9 @@ class CocoSource(torch.utils.data.Dataset):
                 if not a.get("iscrowd", 0):  # bbox is xywh
                     self.objects[a["image_id"]].append(a["bbox"] + [ids.index(a["category_id"]) + 1])
         except (OSError, ValueError, KeyError, TypeError) as error:
-            raise SystemExit(f"error: {annotations}: not a COCO annotation file ({type(error).__name__}: {error})")
+            raise SystemExit(f"error: --coco {annotations}: not a COCO annotation file ({type(error).__name__}: {error})")
         if not os.path.isdir(images):
-            raise SystemExit(f"error: {images}: no such directory")
+            raise SystemExit(f"error: --coco {images}: no such directory")
 
     def __len__(self):
         return len(self.images)
