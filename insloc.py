@@ -497,7 +497,8 @@ def readout(args):
         x = [torch.cat([f[t] for f in features[task]]) for t in range(len(trunks))]
         result[task] = [linear_probe(x_t[split], y[split], x_t[~split], y[~split], classes) for x_t in x]
         result[f"{task}_chance"] = torch.bincount(y[~split]).max().item() / int((~split).sum())  # majority class
-    result["view_retrieval"] = view_retrieval(trunks, [held_out.source[i] for i in range(len(held_out))], args.image_size, args.seed, device)
+    as_loaded = torch.utils.data.Subset(held_out.source, range(len(held_out)))  # read lazily, twice
+    result["view_retrieval"] = view_retrieval(trunks, as_loaded, args.image_size, args.seed, device)
     result["view_retrieval_chance"] = 1 / len(held_out)
     os.makedirs(args.output_dir, exist_ok=True)
     with open(os.path.join(args.output_dir, "readout.json"), "w") as f:
