@@ -2,11 +2,13 @@
 
 - `ResNetTrunk`: torchvision's ResNet without `avgpool`/`fc`, returning conv2_x..conv5_x
   (strides 4/8/16/32). Its state_dict keys ARE torchvision's (`layer4.2.bn3.weight`).
-- `roi_align_boxes`: torchvision RoIAlign with boxes in input-image pixels, one per sample.
+- `roi_align_boxes`: torchvision RoIAlign with boxes in input-image pixels, one per sample;
+  `load_backbone`: a trunk from any backbone.pth, torchvision state_dict or checkpoint.pth.
 - The MoCo machinery: `MomentumQueue`, `ema_update`, `concat_all_gather`,
   `shuffled_key_forward` (shuffle BN, MoCo sec. 3.3).
 - The data sources: `ImageFolderSource` (any folder of images, ImageNet `train/` aware)
-  and `ToyWorld`, the built-in synthetic dataset, with `write_toy_world` (files + COCO json).
+  and `ToyWorld`, the built-in synthetic dataset, with `write_toy_world` (files + COCO json);
+  `HeldOut`, the analysis tools' images with boxes (toy world val or a COCO-format folder).
 
 Nothing here carries a paper's claim: changing this file must not change one method's
 recipe without changing all of them.
@@ -72,6 +74,32 @@ def roi_align_boxes(features, boxes, output_size, stride, batch_index=None):
     # fp32 on purpose: bf16 box coordinates would be rounded by up to a pixel above 128.
     return torchvision.ops.roi_align(features.float(), rois.float(), output_size, spatial_scale=1.0 / stride,
                                      sampling_ratio=2, aligned=True).to(features.dtype)
+
+
+RESNET_BY_BLOCKS = {(False, 2): "resnet18", (False, 6): "resnet34", (True, 6): "resnet50",
+                    (True, 23): "resnet101", (True, 36): "resnet152"}  # (bottleneck, blocks in layer3)
+
+
+def load_backbone(path, flag):
+    """(ResNetTrunk in eval mode, arch) from any trainer's backbone.pth (fpn./box_head. keys dropped) or
+    checkpoint.pth, or a torchvision ResNet state_dict. Anything else: a one-line error naming `flag`."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # missing file, not a torch file, or a pickle weights_only refuses
+        raise SystemExit(f"error: {flag} {path}: not a readable torch file ({type(error).__name__})")
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):  # checkpoint.pth: f_q's ResNet
+        state = {k.split("backbone.", 1)[1]: v for k, v in state["model"].items() if k.startswith("encoder_q.backbone.")}
+    state = state if isinstance(state, dict) else {}
+    blocks = 1 + max((int(k.split(".")[1]) for k in state if k.startswith("layer3.")), default=-1)
+    arch = RESNET_BY_BLOCKS.get(("layer1.0.conv3.weight" in state, blocks))
+    if arch is None:
+        raise SystemExit(f"error: {flag} {path}: no torchvision ResNet weights in it")
+    trunk = ResNetTrunk(arch)
+    try:  # strict: every trunk tensor must be there, with its shape
+        trunk.load_state_dict({k: v for k, v in state.items() if k in trunk.state_dict()})
+    except RuntimeError as error:
+        raise SystemExit(f"error: {flag} {path}: not a complete {arch} ({str(error).splitlines()[0]})")
+    return trunk.eval().requires_grad_(False), arch
 
 
 # ---------------------------------------------------------------------------------------
@@ -370,3 +398,52 @@ def write_toy_world(out_dir, num_images, split="train", image_size=256, seed=0, 
     with open(os.path.join(out_dir, f"instances_{split}.json"), "w") as f:
         json.dump({"images": images, "annotations": annotations, "categories": categories}, f)
     return out_dir
+
+
+class CocoSource(torch.utils.data.Dataset):
+    """A COCO-format folder: `annotations` json + `images` directory. target = {"boxes" (n, 4) xyxy
+    pixels, "labels" (n,) in 1..C, the json's category ids in sorted order}; crowd boxes skipped."""
+
+    def __init__(self, annotations, images):
+        try:
+            with open(annotations) as f:
+                coco = json.load(f)
+            ids = sorted(c["id"] for c in coco["categories"])
+            self.categories = [{c["id"]: c["name"] for c in coco["categories"]}[i] for i in ids]
+            self.root, self.images, self.objects = images, coco["images"], {image["id"]: [] for image in coco["images"]}
+            for a in coco["annotations"]:
+                if not a.get("iscrowd", 0):  # bbox is xywh
+                    self.objects[a["image_id"]].append(a["bbox"] + [ids.index(a["category_id"]) + 1])
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise SystemExit(f"error: --coco {annotations}: not a COCO annotation file ({type(error).__name__}: {error})")
+        if not os.path.isdir(images):
+            raise SystemExit(f"error: --coco {images}: no such directory")
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        with open(os.path.join(self.root, self.images[index]["file_name"]), "rb") as f:
+            image = to_rgb(Image.open(f))
+        objects = torch.tensor(self.objects[self.images[index]["id"]], dtype=torch.float32).reshape(-1, 5)
+        return image, {"boxes": torchvision.ops.box_convert(objects[:, :4], "xywh", "xyxy"), "labels": objects[:, 4].long()}
+
+
+class HeldOut(torch.utils.data.Dataset):
+    """The analysis tools' held-out images with boxes: the toy world's val split (generated at the
+    trainers' size * 8 // 7) or a COCO-format folder (`coco` = (annotations json, image directory)),
+    each rescaled so that its shorter side is `size`, boxes with it. `source`: the images as loaded."""
+
+    def __init__(self, num_images, size, coco=None):
+        self.source = ToyWorld(num_images, size * 8 // 7, "val") if coco is None else CocoSource(*coco)
+        self.categories = list(TOY_CATEGORIES) if coco is None else self.source.categories
+        self.num_images, self.size = min(num_images, len(self.source)), size
+
+    def __len__(self):
+        return self.num_images
+
+    def __getitem__(self, index):
+        image, target = self.source[index]
+        w, h = (round(side * self.size / min(image.size)) for side in image.size)
+        xy = torch.tensor([w / image.width, h / image.height] * 2)
+        return image.resize((w, h), Image.BILINEAR), {"boxes": target["boxes"] * xy, "labels": target["labels"]}

@@ -44,7 +44,7 @@ import torchvision.transforms as T
 from PIL import Image, ImageDraw, ImageFilter
 
 from common import (IMAGENET_MEAN, IMAGENET_STD, ImageFolderSource, MomentumQueue, ResNetTrunk, ToyWorld,
-                    ema_update, open_source, shuffled_key_forward, to_rgb)
+                    ema_update, load_backbone, open_source, shuffled_key_forward, to_rgb)
 
 # ---------------------------------------------------------------------------------------
 # Arguments
@@ -608,50 +608,15 @@ def write_preview(dataset, args, cell=128):
 # in embedding space and the input gradient of the embedding, for any backbone of this repo
 # ---------------------------------------------------------------------------------------
 
-RESNET_BY_BLOCKS = {(False, 2): "resnet18", (False, 6): "resnet34", (True, 6): "resnet50",
-                    (True, 23): "resnet101", (True, 36): "resnet152"}  # (bottleneck, blocks in layer3)
-
-
-def load_backbone(path):
-    """(ResNetTrunk in eval mode, arch) from a backbone.pth (torchvision keys) or a checkpoint.pth."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if "model" in state:  # checkpoint.pth: the query encoder's ResNet
-        prefix = "encoder_q.backbone."
-        state = {k[len(prefix):]: v for k, v in state["model"].items() if k.startswith(prefix)}
-    blocks = 1 + max((int(k.split(".")[1]) for k in state if k.startswith("layer3.")), default=-1)
-    arch = RESNET_BY_BLOCKS.get(("layer1.0.conv3.weight" in state, blocks))
-    if arch is None:
-        raise SystemExit(f"error: --diagnose {path}: no torchvision ResNet weights in it")
-    trunk = ResNetTrunk(arch)
-    trunk.load_state_dict({k: v for k, v in state.items() if k in trunk.state_dict()})  # FPN/heads dropped
-    return trunk.eval().requires_grad_(False), arch  # gradients are wanted for the input only
-
-
 def embed(trunk, x):
     return F.normalize(trunk(x)[-1].mean(dim=(2, 3)), dim=1)  # (N, C): pooled c5, any method's backbone
 
 
-@torch.no_grad()
-def view_retrieval(trunks, held_out, batches, args, device):
-    """Top-1 of instance retrieval with no queue and no momentum encoder, per trunk: two seeded
-    MoCo v2 views of the held-out images in `batches`; how often is view 1's nearest view 2 its own?"""
-    seed_everything(args.seed)
-    augment = moco_v2_augmentation(args.image_size)
-    views = []  # 2 x (trunks, G, C): every trunk embeds the same two views
-    for _ in range(2):
-        chunks = []  # 64 images at a time
-        for b in batches:
-            x = torch.stack([augment(held_out[i][0]) for i in b]).to(device)
-            chunks.append(torch.stack([embed(trunk, x) for trunk in trunks]))  # (trunks, 64, C)
-        views.append(torch.cat(chunks, dim=1))
-    own = (views[0] @ views[1].transpose(1, 2)).argmax(2).cpu() == torch.arange(views[0].shape[1])  # (trunks, G)
-    return own.float().mean(1).tolist()
-
-
 def diagnose(args, queries=6, k=3, cell=128):
-    """`--diagnose CKPT`: per query (--data), its top-k neighbours in a held-out set and |d sim / d pixel|."""
+    """`--diagnose CKPT`: per query (--data), its top-k neighbours in a held-out set and |d sim / d pixel|.
+    (The view-retrieval probe of any backbone is in insloc.py --readout.)"""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    trunk, arch = load_backbone(args.diagnose)
+    trunk, _ = load_backbone(args.diagnose, "--diagnose")
     trunk = trunk.to(device)
     if args.data == "synthetic":
         query_source, held_out = ToyWorld(queries, args.image_size * 8 // 7), ToyWorld(200, args.image_size * 8 // 7, "val")
@@ -664,12 +629,6 @@ def diagnose(args, queries=6, k=3, cell=128):
     with torch.no_grad():  # the held-out embeddings, 64 images at a time
         batches = [range(start, min(start + 64, len(held_out))) for start in range(0, len(held_out), 64)]
         keys = torch.cat([embed(trunk, torch.stack([prepare(held_out[i][0]) for i in b]).to(device)) for b in batches])  # (G, C)
-    retrieval = batches[:16]  # up to 1024 images
-    seed_everything(args.seed)  # the untrained baseline is the same network on every call
-    baseline = ResNetTrunk(arch).to(device).eval()
-    top1, untrained = view_retrieval([trunk, baseline], held_out, retrieval, args, device)
-    print(f"view retrieval top-1 {top1:.3f}, untrained {arch} {untrained:.3f}, chance "
-          f"{1 / sum(map(len, retrieval)):.3f}: view 1 of a held-out image finds its own view 2")
     columns = ["query", "input gradient"] + [f"neighbour {i + 1}" for i in range(k)]
     sheet = Image.new("RGB", (cell * len(columns), 16 + cell * queries), "white")
     draw = ImageDraw.Draw(sheet)
@@ -695,7 +654,7 @@ def diagnose(args, queries=6, k=3, cell=128):
     path = os.path.join(args.output_dir, "diagnosis.png")
     sheet.save(path)
     print(f"wrote {path}: {queries} queries, top-{k} of {len(keys)} held-out images")
-    return torch.stack(found), top1  # (queries, k) indices into the held-out set; view retrieval top-1
+    return torch.stack(found)  # (queries, k) indices into the held-out set
 
 
 # ---------------------------------------------------------------------------------------

@@ -69,12 +69,13 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision
 import torchvision.transforms as T
 import torchvision.transforms.functional as TF
 from PIL import Image, ImageDraw, ImageFilter
 
-from common import (IMAGENET_MEAN, IMAGENET_STD, MomentumQueue, ResNetTrunk, ema_update, open_source,
-                    roi_align_boxes, shuffled_key_forward)
+from common import (IMAGENET_MEAN, IMAGENET_STD, HeldOut, MomentumQueue, ResNetTrunk, ema_update, load_backbone,
+                    open_source, roi_align_boxes, shuffled_key_forward)
 
 # ---------------------------------------------------------------------------------------
 # Arguments
@@ -88,7 +89,7 @@ from common import (IMAGENET_MEAN, IMAGENET_STD, MomentumQueue, ResNetTrunk, ema
 # (sec. 4.5.3: a larger S "will not acquire more useful information"; S = 14 on a 4 x 4 map
 # made a tiny step 1.6x slower).
 TINY = dict(data="synthetic", arch="resnet18", image_size=64, batch_size=32, queue_size=96, bn_batch=8,
-            epochs=1, workers=2, print_freq=20, roi_size=[16, 8, 4, 2])
+            epochs=1, workers=2, print_freq=20, roi_size=[16, 8, 4, 2], analysis_images=200)
 TINY_IMAGES = 9600
 LEVELS = ("conv2", "conv3", "conv4", "conv5")  # ResNetTrunk outputs, strides 4, 8, 16, 32
 
@@ -124,6 +125,10 @@ def get_args(argv=None):
                         help="S, side of the RoIAlign grid per level (used where beta > 0)")
     parser.add_argument("--patch-enqueue", type=int, default=32,
                         help="key patch vectors enqueued per process, patch level and step")
+    parser.add_argument("--iou-curve", nargs="+", default=[], metavar="BACKBONE", help="backbone.pth, checkpoint.pth or torchvision "
+                        "ResNet state_dict files: write output-dir/iou_curve.png/.json and correspondence.png (Fig. 6, 7), then exit")
+    parser.add_argument("--coco", nargs=2, default=None, metavar=("JSON", "DIR"), help="analysis images: a COCO annotation file and its image folder (default: the toy world's val split)")
+    parser.add_argument("--analysis-images", type=int, default=1000, help="held-out images of the analysis (Fig. 6: 1000)")
     args = parser.parse_args(argv)
     if args.tiny:  # the tiny recipe replaces defaults only: explicit flags still win
         parser.set_defaults(**TINY)
@@ -361,6 +366,158 @@ def train_one_epoch(model, loader, optimizer, epoch, args, log):  # Same as in d
 
 
 # ---------------------------------------------------------------------------------------
+# --- analysis (Fig. 6 and eq. 9: IoU-similarity curve; Fig. 7: correspondence) ---
+# `python dupr.py --iou-curve A/backbone.pth B/backbone.pth ...`: frozen backbones of any method
+# ---------------------------------------------------------------------------------------
+
+NORMALISE = T.Compose([T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+COLOURS = ("red", "blue", "green", "orange", "purple", "brown", "magenta", "teal")
+
+
+def sample_rois(box, targets, width, height, generator, candidates=64, steps=30):
+    """RoIs in the image whose IoU with the ground-truth box G (4,) is each of `targets` (T,): per t, a
+    random box `far` in the image (sides log-uniform) with IoU(G, far) <= t (else the lowest), then
+    bisection on the segment B(lam) = (1 - lam) G + lam far, whose IoU is 1 at lam = 0 and continuous,
+    so it crosses t. Returns rois (T, 4) and their actual IoU (T,).
+    NOTE: sec. 4.6 does not say how its RoIs are drawn; this sampler is ours (docs/analysis.md)."""
+    n = len(targets)
+    size = torch.tensor([float(width), float(height)])
+    sides = size ** torch.rand(n, candidates, 2, generator=generator)  # (T, n, 2) log-uniform in [1, image side]
+    corner = torch.rand(n, candidates, 2, generator=generator) * (size - sides)  # uniform position in the image
+    boxes = torch.cat([corner, corner + sides], dim=2)  # (T, n, 4) xyxy
+    iou = torchvision.ops.box_iou(box[None], boxes.flatten(0, 1)).reshape(n, candidates)
+    pick = torch.where(iou <= targets[:, None], torch.rand(n, candidates, generator=generator), -iou)  # feasible first
+    far = boxes[torch.arange(n), pick.argmax(1)]  # (T, 4)
+    lo, hi = torch.zeros(n, 1), torch.ones(n, 1)  # invariant: IoU(B(lo)) > t >= IoU(B(hi))
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        above = torchvision.ops.box_iou(box[None], (1 - mid) * box + mid * far)[0][:, None] > targets[:, None]
+        lo, hi = torch.where(above, mid, lo), torch.where(above, hi, mid)
+    rois = (1 - hi) * box + hi * far
+    return rois, torchvision.ops.box_iou(box[None], rois)[0]
+
+
+@torch.no_grad()
+def iou_similarity(trunks, held_out, S, seed, device, per_box=20):
+    """Eq. 9 per trunk: per ground-truth box G, `per_box` RoIs with IoUs stratified over [0, 1] (one per
+    1/per_box bin); q = RoIAlign(conv4_x, G), k_alpha = RoIAlign(conv4_x, RoI), both S x S; Sim = mean
+    over the S*S positions p of q_p . k_alpha,p (unit vectors). The RoIs are the same for every trunk.
+    Returns IoU (R,) and Sim (trunks, R)."""
+    generator, ious, sims = torch.Generator().manual_seed(seed), [], []
+    for image, target in (held_out[i] for i in range(len(held_out))):
+        features = [trunk.forward_to_res4(NORMALISE(image)[None].to(device)) for trunk in trunks]  # conv4_x, stride 16
+        for box in target["boxes"][(target["boxes"][:, 2:] - target["boxes"][:, :2]).amin(1) >= 1]:
+            targets = (torch.arange(per_box) + torch.rand(per_box, generator=generator)) / per_box
+            rois, iou = sample_rois(box, targets, image.width, image.height, generator)
+            boxes = torch.cat([box[None], rois]).to(device)  # (1 + T, 4): G first
+            index = torch.zeros(len(boxes), dtype=torch.long, device=device)
+            regions = [F.normalize(roi_align_boxes(c4, boxes, S, 16, index), dim=1) for c4 in features]  # (1 + T, C, S, S)
+            sims.append(torch.stack([(r[:1] * r[1:]).sum(1).mean((1, 2)) for r in regions]).cpu())  # (trunks, T)
+            ious.append(iou)
+    if not ious:
+        raise SystemExit("error: --iou-curve: the held-out images have no ground-truth boxes")
+    return torch.cat(ious), torch.cat(sims, dim=1)
+
+
+def true_cells(crop_1, flip_1, crop_2, flip_2, size, n):
+    """Fig. 7's ground truth: for each of the n x n conv cells of view 1 (row-major), the (row, col) of
+    the view-2 cell showing the original pixel under its centre, or (-1, -1) outside view 2. Views are
+    size x size; the geometry of intersection_in_views: x' = (x - crop_x1) * size / crop_w, mirrored."""
+    centres = (torch.arange(n) + 0.5) * size / n  # view pixels
+    y, x = torch.meshgrid(centres, centres, indexing="ij")  # (n, n)
+    x = size - x if flip_1 else x
+    x, y = crop_1[0] + x * (crop_1[2] - crop_1[0]) / size, crop_1[1] + y * (crop_1[3] - crop_1[1]) / size  # original
+    x, y = (x - crop_2[0]) * size / (crop_2[2] - crop_2[0]), (y - crop_2[1]) * size / (crop_2[3] - crop_2[1])  # view 2
+    x = size - x if flip_2 else x
+    cells = (torch.stack([y, x], dim=-1) * n / size).floor().long().flatten(0, 1)  # (n*n, 2)
+    return torch.where(((cells >= 0) & (cells < n)).all(1, keepdim=True), cells, -1)
+
+
+@torch.no_grad()
+def correspondence(trunks, labels, held_out, size, seed, device, path, shown=3, cell=128):
+    """Fig. 7: two training views (MoCoV2ViewWithBox) per image; each conv4_x cell of view 1 is matched
+    to its most similar (cosine) cell of view 2. Returns per trunk the share of matches within one cell
+    (Chebyshev distance <= 1) of the true cell, and that share for a uniformly random match. Draws the
+    first `shown` images: view 1 | view 2 per trunk, a line per cell to its match (green: within one).
+    NOTE: Fig. 7 is qualitative (and its models have losses on conv5_x only); the share is ours."""
+    seed_everything(seed)
+    sheet = Image.new("RGB", (2 * cell * len(trunks), 16 + cell * shown), "white")
+    draw, augment = ImageDraw.Draw(sheet), MoCoV2ViewWithBox(size)
+    hits, chance, total = torch.zeros(len(trunks)), 0.0, 0
+    for index in range(len(held_out)):
+        (view_1, crop_1, flip_1), (view_2, crop_2, flip_2) = [augment(held_out[index][0]) for _ in range(2)]
+        x = torch.stack([NORMALISE(view_1), NORMALISE(view_2)]).to(device)
+        maps = [F.normalize(trunk.forward_to_res4(x), dim=1).flatten(2).cpu() for trunk in trunks]  # (2, C, n*n)
+        n = round(maps[0].shape[2] ** 0.5)
+        truth, grid = true_cells(crop_1, flip_1, crop_2, flip_2, size, n), torch.cartesian_prod(torch.arange(n), torch.arange(n))
+        matches = torch.stack([grid[(m[0].t() @ m[1]).argmax(1)] for m in maps])  # (trunks, n*n, 2): best view-2 cell
+        near = (matches - truth).abs().amax(2) <= 1  # (trunks, n*n)
+        valid = truth[:, 0] >= 0
+        hits, total = hits + near[:, valid].sum(1), total + int(valid.sum())
+        chance += ((grid[None] - truth[valid, None]).abs().amax(2) <= 1).float().mean(1).sum().item()
+        for t in range(len(trunks) if index < shown else 0):
+            at = lambda rc, column: ((column + (rc[1] + 0.5) / n) * cell, 16 + (index + (rc[0] + 0.5) / n) * cell)
+            sheet.paste(view_1.resize((cell, cell)), (2 * t * cell, 16 + index * cell))
+            sheet.paste(view_2.resize((cell, cell)), ((2 * t + 1) * cell, 16 + index * cell))
+            for p in range(n * n):
+                draw.line(at(grid[p], 2 * t) + at(matches[t, p], 2 * t + 1), fill="gray" if not valid[p] else "lime" if near[t, p] else "red")
+    for t, label in enumerate(labels):
+        draw.text((2 * t * cell + 4, 2), f"{label}: {hits[t] / max(total, 1):.3f} within one cell", fill="black")
+    sheet.save(path)
+    return (hits / max(total, 1)).tolist(), chance / max(total, 1)
+
+
+def draw_curves(curves, path, x_label, y_label, width=560, height=380):
+    """A PIL line chart: curves = [(label, [(x in [0, 1], y), ...])], the y range from the data."""
+    values = [y for _, points in curves for _, y in points]
+    low, high = min(values) - 0.02, max(values) + 0.02
+    left, right, top, bottom = 60, width - 20, 20, height - 60 - 14 * len(curves)
+    sheet = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(sheet)
+    at = lambda x, y: (left + x * (right - left), bottom - (y - low) / (high - low) * (bottom - top))
+    draw.rectangle((left, top, right, bottom), outline="black")
+    for i in range(6):  # ticks: x 0..1, y low..high
+        draw.text((at(i / 5, low)[0] - 8, bottom + 4), f"{i / 5:.1f}", fill="black")
+        draw.text((4, at(0, low + i / 5 * (high - low))[1] - 6), f"{low + i / 5 * (high - low):.2f}", fill="black")
+    draw.text(((left + right) / 2 - 60, bottom + 18), x_label, fill="black")
+    draw.text((left + 4, top + 4), y_label, fill="black")
+    for c, (label, points) in enumerate(curves):
+        draw.line([at(x, y) for x, y in points], fill=COLOURS[c % len(COLOURS)], width=2)
+        draw.text((left, bottom + 36 + 14 * c), label, fill=COLOURS[c % len(COLOURS)])
+    sheet.save(path)
+
+
+def iou_curve(args, bins=10):
+    """--iou-curve: iou_curve.png/.json (Fig. 6, eq. 9) and correspondence.png (Fig. 7) in --output-dir."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    trunks = [load_backbone(path, "--iou-curve")[0].to(device) for path in args.iou_curve]
+    labels = [os.path.join(os.path.basename(os.path.dirname(os.path.abspath(p))), os.path.basename(p)) for p in args.iou_curve]
+    held_out, S = HeldOut(args.analysis_images, args.image_size, args.coco), args.roi_size[LEVELS.index("conv4")]
+    os.makedirs(args.output_dir, exist_ok=True)
+    iou, sim = iou_similarity(trunks, held_out, S, args.seed, device)  # (R,), (trunks, R)
+    which = (iou * bins).long().clamp(max=bins - 1)  # (R,) bin of each RoI
+    count = torch.bincount(which, minlength=bins)
+    binned = torch.zeros(len(trunks), bins).index_add_(1, which, sim) / count.clamp(min=1)  # (trunks, bins)
+    slope = (sim[:, iou >= 0.5].mean(1) - sim[:, iou < 0.3].mean(1)).tolist()  # the paper's reading of Fig. 6
+    shares, chance = correspondence(trunks, labels, held_out, args.image_size, args.seed, device,
+                                    os.path.join(args.output_dir, "correspondence.png"))
+    centres = [(b + 0.5) / bins for b in range(bins) if count[b]]
+    draw_curves([(f"{label}: Sim(IoU >= 0.5) - Sim(IoU < 0.3) = {s:+.3f}", list(zip(centres, curve[count > 0].tolist())))
+                 for label, s, curve in zip(labels, slope, binned)], os.path.join(args.output_dir, "iou_curve.png"),
+                "IoU of the RoI with the ground-truth box", f"Sim (eq. 9), conv4_x, S = {S}")
+    result = {"images": len(held_out), "image_size": args.image_size, "S": S, "rois_per_bin": count.tolist(),
+              "correspondence_chance": chance, "backbones": [{"path": path, "similarity_per_bin": curve.tolist(),
+              "slope": s, "correspondence": share} for path, curve, s, share in zip(args.iou_curve, binned, slope, shares)]}
+    with open(os.path.join(args.output_dir, "iou_curve.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    for label, s, share in zip(labels, slope, shares):
+        print(f"{label}: Sim(IoU >= 0.5) - Sim(IoU < 0.3) = {s:+.4f}; correspondence {share:.3f} (chance {chance:.3f})")
+    print("paper (theirs, Fig. 6, R50 on ImageNet val): DUPR's curve lies above MoCo v2's at IoU >= 0.5 and below it "
+          f"at IoU < 0.3; wrote iou_curve.png, iou_curve.json, correspondence.png in {args.output_dir}")
+    return result
+
+
+# ---------------------------------------------------------------------------------------
 # Plumbing: distributed setup, checkpoints, logging, preview. Same as in dilo.py.
 # ---------------------------------------------------------------------------------------
 
@@ -492,6 +649,8 @@ def write_preview(dataset, args, cell=160):
 
 
 def main(args):  # Same as in dilo.py (method names only)
+    if args.iou_curve:
+        return iou_curve(args)
     setup_distributed(args)
     os.makedirs(args.output_dir, exist_ok=True)
     source = open_source(args.data, TINY_IMAGES if args.tiny else 5000, args.image_size * 8 // 7, min_side=args.image_size)
