@@ -54,7 +54,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torchvision
-from PIL import Image, ImageDraw
+from PIL import Image
 from torchvision.models.detection import FasterRCNN, MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor
@@ -497,7 +497,12 @@ def rle_counts(mask):
 
 def rle_encode(mask):
     """(H, W) mask -> compressed RLE {"size", "counts": str}, byte for byte maskApi.c's rleToString."""
-    counts = rle_counts(mask).astype(np.int64)
+    return {"size": [int(s) for s in np.shape(mask)], "counts": rle_counts_to_string(rle_counts(mask))}
+
+
+def rle_counts_to_string(counts):
+    """Run lengths -> maskApi.c's rleToString characters."""
+    counts = np.asarray(counts, dtype=np.int64)
     x = counts.copy()
     x[3:] -= counts[1:-2]  # from the 4th on, a count is stored as the difference to the one two back
     # LEB128-like: 5 bits per char (low first), 0x20 = more chars follow, 0x10 of the last = sign, +48
@@ -507,7 +512,7 @@ def rle_encode(mask):
     more = np.where(chunks & 0x10, rest != -1, rest != 0)  # (m, 7)
     keep = np.arange(7) <= np.argmin(more, axis=1)[:, None]  # up to the first chunk without more
     chars = (chunks | (more.astype(np.int64) << 5)) + 48
-    return {"size": [int(s) for s in np.shape(mask)], "counts": chars[keep].astype(np.uint8).tobytes().decode()}
+    return chars[keep].astype(np.uint8).tobytes().decode()
 
 
 def rle_string_to_counts(string):
@@ -526,19 +531,58 @@ def rle_string_to_counts(string):
     return counts
 
 
-def mask_from_segmentation(segmentation, height, width):
-    """COCO segmentation (polygons, uncompressed or compressed RLE) -> (H, W) uint8.
+def polygon_rle_counts(polygon, height, width):
+    """One polygon [x1, y1, x2, y2, ...] -> RLE counts, exactly as pycocotools' rleFrPoly (maskApi.c).
 
-    NOTE: polygons are rasterised with PIL (pixel centres inside or on the outline), which can
-    differ from pycocotools' rasteriser on boundary pixels; RLE decoding is exact.
+    The outline is walked on a 5x finer integer grid, one point per fine step along the edge's
+    longer axis. Wherever the walk steps from one fine column to the next, and that step crosses
+    the centre of a pixel column (fine x = 5 * column + 2), the column's mask toggles at the
+    crossing's y, rounded up. Sorted column-major toggle positions are the run lengths.
     """
+    scale = 5
+    xy = np.asarray(polygon, dtype=np.float64)[: len(polygon) // 2 * 2].reshape(-1, 2)  # (k, 2); an odd last value is dropped
+    corner = np.trunc(scale * xy + 0.5).astype(np.int64)  # C's (int): truncation toward zero, not floor
+    xs, ys = corner[:, 0], corner[:, 1]
+    xe, ye = np.roll(xs, -1), np.roll(ys, -1)  # edge j goes from corner j to corner j + 1 (closed)
+    dx, dy = np.abs(xe - xs), np.abs(ye - ys)
+    along_x = dx >= dy  # step along the longer axis, from its smaller end, and read points back in order
+    flip = np.where(along_x, xs > xe, ys > ye)
+    xs, xe, ys, ye = np.where(flip, xe, xs), np.where(flip, xs, xe), np.where(flip, ye, ys), np.where(flip, ys, ye)
+    steps = np.maximum(dx, dy)  # edge j has steps + 1 points, both corners included
+    # slope along the walk; NOTE: 0 for a repeated corner (C gets 0/0 there; that point's y is never read)
+    slope = np.divide(np.where(along_x, ye - ys, xe - xs), steps, out=np.zeros(len(steps)), where=steps > 0)
+    edge = np.repeat(np.arange(len(steps)), steps + 1)  # (m,) every fine point's edge
+    d = np.arange(len(edge)) - np.repeat(np.cumsum(steps + 1) - (steps + 1), steps + 1)
+    t = np.where(flip[edge], steps[edge] - d, d)
+    rounded = np.trunc(np.where(along_x, ys, xs)[edge] + slope[edge] * t + 0.5).astype(np.int64)  # same float ops as C
+    u = np.where(along_x[edge], xs[edge] + t, rounded)  # (m,) fine x
+    v = np.where(along_x[edge], rounded, ys[edge] + t)  # (m,) fine y
+    j = np.flatnonzero(u[1:] != u[:-1]) + 1  # steps into another fine column
+    column = (np.where(u[j] < u[j - 1], u[j], u[j] - 1) + 0.5) / scale - 0.5
+    row = np.ceil(np.clip((np.minimum(v[j], v[j - 1]) + 0.5) / scale - 0.5, 0, height))
+    crossing = (np.floor(column) == column) & (column >= 0) & (column <= width - 1)  # a pixel centre inside the image
+    toggles = np.sort(np.append(column[crossing].astype(np.int64) * height + row[crossing].astype(np.int64), height * width))
+    runs = np.diff(toggles, prepend=0)
+    # rleFrPoly's last loop: a zero run (two toggles at one place) is dropped and the run after it
+    # joins the previous one; in a row of zeros they pair up, so an odd row merges the next run
+    zero = (runs == 0) & (np.arange(len(runs)) > 0)
+    index = np.arange(len(runs))
+    last_kept = np.maximum.accumulate(np.where(zero, 0, index))  # the last non-zero run at or before each
+    zeros_before = index - 1 - np.concatenate([[0], last_kept[:-1]])
+    start = ~zero & ((zeros_before % 2 == 0) | (index == 0))
+    return np.add.reduceat(runs, np.flatnonzero(start))
+
+
+def mask_from_segmentation(segmentation, height, width):
+    """COCO segmentation (polygons, uncompressed or compressed RLE) -> (H, W) uint8, as pycocotools'
+    annToMask: polygons rasterised by rleFrPoly (above), the parts of an object merged by union."""
     if isinstance(segmentation, list):
-        image = Image.new("L", (width, height), 0)
-        draw = ImageDraw.Draw(image)
+        if segmentation and len(segmentation[0]) == 4:  # NOTE: frPyObjects reads 4-value parts as boxes x, y, w, h
+            segmentation = [[x, y, x, y + h, x + w, y + h, x + w, y] for x, y, w, h in segmentation]
+        mask = np.zeros((height, width), dtype=np.uint8)
         for polygon in segmentation:
-            if len(polygon) >= 6:
-                draw.polygon([float(v) for v in polygon], fill=1, outline=1)
-        return np.asarray(image)
+            mask |= mask_from_segmentation({"size": [height, width], "counts": polygon_rle_counts(polygon, height, width)}, height, width)
+        return mask
     counts = segmentation["counts"]
     if isinstance(counts, (str, bytes)):
         counts = rle_string_to_counts(counts)
