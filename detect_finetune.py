@@ -57,8 +57,8 @@ import torchvision
 from PIL import Image
 from torchvision.models.detection import FasterRCNN, MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor
-from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
+from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from common import IMAGENET_MEAN, IMAGENET_STD, TOY_CATEGORIES, ResNetTrunk, ToyWorld, to_rgb
@@ -67,55 +67,82 @@ from common import IMAGENET_MEAN, IMAGENET_STD, TOY_CATEGORIES, ResNetTrunk, Toy
 # Arguments
 # ---------------------------------------------------------------------------------------
 
-SCHEDULES = {  # spec "Schedules": per dataset, the MoCo protocol's iterations, lr steps and sizes
-    "voc": dict(train_split="2007-trainval+2012-trainval", test_split="2007-test", iters=24000,
-                lr_steps=[18000, 22000], min_size=list(range(480, 801, 32)), test_size=800, max_size=1333),
+SCHEDULES = {  # spec "Schedules": per dataset, the MoCo protocol's iterations, lr steps, warmup and sizes
+    "voc": dict(train_split="2007-trainval+2012-trainval", test_split="2007-test", iters=24000, lr_steps=[18000, 22000],
+                warmup=100, min_size=list(range(480, 801, 32)), test_size=800, max_size=1333),  # MoCo's VOC config
     "coco": dict(train_split="train2017", test_split="val2017", iters=90000, lr_steps=[60000, 80000],
-                 min_size=list(range(640, 801, 32)), test_size=800, max_size=1333),
-    "synthetic": dict(train_split="train", test_split="val", iters=3000, lr_steps=[2000, 2600],
+                 warmup=1000, min_size=list(range(640, 801, 32)), test_size=800, max_size=1333),  # detectron2's default
+    "synthetic": dict(train_split="train", test_split="val", iters=3000, lr_steps=[2000, 2600], warmup=300,
                       min_size=[192, 224, 256], test_size=256, max_size=512),
 }
 TINY = dict(dataset="synthetic", model="faster-fpn", arch="resnet18", image_size=96, train_images=400, test_images=50, iters=200,
-            lr_steps=[150, 180], warmup=20, batch_size=2, lr=0.04, min_size=[80, 96], test_size=96,
-            max_size=160, roi_batch_size=32, workers=1, print_freq=10, save_freq=100)
+            lr_steps=[150, 180], batch_size=2, lr=0.04, min_size=[80, 96], test_size=96, max_size=160, roi_batch_size=32,
+            precise_bn_iters=20, workers=1, print_freq=10, save_freq=100)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" except where the default is None: those help strings name the per-dataset default."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+def number(kind, low, strict=False):
+    """argparse type: a `kind` >= low (> low if strict), else one argparse error line."""
+    def parse(text):
+        value = kind(text)
+        if value < low or (strict and value == low):
+            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {low}, got {text}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in "invalid int value" messages
+    return parse
 
 
 def get_args(argv=None):
-    parser = argparse.ArgumentParser(description="Faster/Mask R-CNN detection transfer",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--dataset", default="voc", choices=["voc", "coco", "synthetic"])
-    parser.add_argument("--data-root", default="", help="VOCdevkit, or a folder with <split>/ + [annotations/]instances_<split>.json")
-    parser.add_argument("--train-split", default=None, help="voc: 2007-trainval+2012-trainval; coco: train2017")
-    parser.add_argument("--test-split", default=None, help="voc: 2007-test; coco: val2017")
-    parser.add_argument("--model", default="faster-c4", choices=["faster-c4", "faster-fpn", "mask-c4", "mask-fpn"])
-    parser.add_argument("--box-head", default="2mlp", choices=["2mlp", "4conv1fc"], help="FPN box head (4conv1fc: InsLoc's, with BN)")
-    parser.add_argument("--arch", default="resnet50", help="torchvision ResNet: resnet18/34/50/101/152")
+    parser = argparse.ArgumentParser(description="Faster/Mask R-CNN detection transfer", formatter_class=HelpFormatter)
+    positive, count = number(int, 1), number(int, 0)
+    parser.add_argument("--dataset", default="voc", choices=["voc", "coco", "synthetic"], help="synthetic = the toy world")
+    parser.add_argument("--data-root", default=None,
+                        help="VOCdevkit, or a folder with <split>/ + [annotations/]instances_<split>.json (voc, coco: required)")
+    parser.add_argument("--train-split", default=None, help="default: voc 2007-trainval+2012-trainval, coco train2017")
+    parser.add_argument("--test-split", default=None, help="default: voc 2007-test, coco val2017")
+    parser.add_argument("--model", default="faster-c4", choices=["faster-c4", "faster-fpn", "mask-c4", "mask-fpn"],
+                        help="Faster or Mask R-CNN, on res4 (C4, MoCo's) or on an FPN")
+    parser.add_argument("--box-head", default="2mlp", choices=["2mlp", "4conv1fc"],
+                        help="FPN box head; 4conv1fc: InsLoc's, BN + an extra BN after fc1 (and BN in the mask head)")
+    parser.add_argument("--arch", default="resnet50", choices=["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"],
+                        help="torchvision ResNet")
     parser.add_argument("--pretrained", default="none", help="this repo's backbone.pth / checkpoint.pth, torchvision or MoCo file, or 'none'")
     parser.add_argument("--load", default="all", choices=["backbone", "all"], help="all: also InsLoc's fpn./box_head. tensors")
     parser.add_argument("--allow-missing", action="store_true", help="allow backbone keys missing from --pretrained")
     parser.add_argument("--schedule", default="1x", choices=["1x", "2x"], help="COCO: 90k or 180k iterations")
-    parser.add_argument("--iters", type=int, default=None, help="training iterations")
-    parser.add_argument("--lr-steps", type=int, nargs="+", default=None, help="iterations where lr is multiplied by 0.1")
-    parser.add_argument("--warmup", type=int, default=100, help="linear warmup iterations")
-    parser.add_argument("--batch-size", type=int, default=16, help="global batch (images) over all processes")
-    parser.add_argument("--lr", type=float, default=0.02, help="base lr per 16 images (scaled linearly)")
-    parser.add_argument("--wd", type=float, default=1e-4, help="weight decay (not on norm layers)")
-    parser.add_argument("--min-size", type=int, nargs="+", default=None, help="training short sides, pixels (one at random per image)")
-    parser.add_argument("--test-size", type=int, default=None, help="test short side, pixels")
-    parser.add_argument("--max-size", type=int, default=None, help="cap on the long side, pixels")
-    parser.add_argument("--roi-batch-size", type=int, default=512, help="RoIs sampled per image for the box head")
-    parser.add_argument("--max-detections", type=int, default=100, help="detections kept per image (COCO's maxDets 100)")
-    parser.add_argument("--image-size", type=int, default=256, help="synthetic: toy world image side")
-    parser.add_argument("--train-images", type=int, default=5000, help="synthetic: training images")
-    parser.add_argument("--test-images", type=int, default=0, help="evaluate on the first N test images (0 = all; synthetic: 500)")
-    parser.add_argument("--workers", type=int, default=4, help="data loader workers per process")
-    parser.add_argument("--output-dir", default="runs/detect")
+    parser.add_argument("--iters", type=positive, default=None, help="training iterations (default: voc 24000, coco 90000, synthetic 3000)")
+    parser.add_argument("--lr-steps", type=positive, nargs="+", default=None,
+                        help="iterations where lr is multiplied by 0.1 (default: voc 18000 22000, coco 60000 80000)")
+    parser.add_argument("--warmup", type=count, default=None, help="linear warmup iterations (default: voc 100, coco 1000, "
+                        "synthetic 300, scaled by --iters / the dataset's iterations)")
+    parser.add_argument("--batch-size", type=positive, default=16, help="global batch (images) over all processes")
+    parser.add_argument("--lr", type=number(float, 0, strict=True), default=0.02, help="base lr per 16 images (scaled linearly)")
+    parser.add_argument("--wd", type=number(float, 0), default=1e-4, help="weight decay (not on norm layers)")
+    parser.add_argument("--min-size", type=positive, nargs="+", default=None,
+                        help="training short sides, pixels, one at random per image (default: voc 480..800, coco 640..800, step 32)")
+    parser.add_argument("--test-size", type=positive, default=None, help="test short side, pixels (default: 800; synthetic 256)")
+    parser.add_argument("--max-size", type=positive, default=None, help="cap on the long side, pixels (default: 1333; synthetic 512)")
+    parser.add_argument("--roi-batch-size", type=positive, default=512, help="RoIs sampled per image for the box head")
+    parser.add_argument("--max-detections", type=positive, default=100, help="detections kept per image (COCO's maxDets 100)")
+    parser.add_argument("--precise-bn-iters", type=count, default=200,
+                        help="PreciseBN: training batches that recompute BN statistics before evaluation; 0 = off")
+    parser.add_argument("--image-size", type=number(int, 32), default=256, help="synthetic: toy world image side, pixels")
+    parser.add_argument("--train-images", type=positive, default=5000, help="synthetic: training images")
+    parser.add_argument("--test-images", type=count, default=None, help="evaluate on the first N test images, 0 = all (default: all; synthetic 500)")
+    parser.add_argument("--workers", type=count, default=4, help="data loader workers per process")
+    parser.add_argument("--output-dir", default="runs/detect", help="checkpoint.pth, log.jsonl, detections.json, metrics.json")
     parser.add_argument("--resume", default="auto", help="'auto' (output-dir/checkpoint.pth if present), a path, or 'none'")
     parser.add_argument("--eval-only", action="store_true", help="evaluate the (resumed or pretrained) model and exit")
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on for CUDA)")
-    parser.add_argument("--print-freq", type=int, default=20, help="iterations between log lines")
-    parser.add_argument("--save-freq", type=int, default=2000, help="iterations between checkpoints")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--print-freq", type=positive, default=20, help="iterations between log lines")
+    parser.add_argument("--save-freq", type=positive, default=2000, help="iterations between checkpoints")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the data order, flips and initialisation")
     parser.add_argument("--tiny", action="store_true", help="CPU-sized recipe: " + " ".join(f"{k}={v}" for k, v in TINY.items()))
     args = parser.parse_args(argv)
     if args.tiny:  # the tiny recipe replaces defaults only: explicit flags still win
@@ -124,15 +151,18 @@ def get_args(argv=None):
     schedule = dict(SCHEDULES[args.dataset])
     if args.dataset == "coco" and args.schedule == "2x":
         schedule.update(iters=180000, lr_steps=[120000, 160000])
+    if args.warmup is None:  # NOTE: detectron2 does not scale warmup; here it does when --iters shortens the schedule
+        args.warmup = round(schedule["warmup"] * (args.iters or schedule["iters"]) / schedule["iters"])
     for name, value in schedule.items():
-        if getattr(args, name) is None:
+        if getattr(args, name, None) is None:
             setattr(args, name, value)
-    if args.dataset == "synthetic" and not args.test_images:
-        args.test_images = 500
+    args.test_images = args.test_images or (500 if args.dataset == "synthetic" else 0)  # the toy world has no fixed test set
     if args.model.startswith("mask") and args.dataset == "voc":
-        raise SystemExit(f"error: --model {args.model} needs instance masks: use --dataset coco or synthetic")
-    if args.dataset != "synthetic" and not os.path.isdir(args.data_root):
-        raise SystemExit(f"error: --data-root {args.data_root!r}: no such directory (needed for --dataset {args.dataset})")
+        parser.error(f"--model {args.model} needs instance masks: use --dataset coco or synthetic")
+    if args.box_head == "4conv1fc" and not args.model.endswith("fpn"):
+        parser.error(f"--box-head 4conv1fc is an FPN head: use --model faster-fpn or mask-fpn, not {args.model}")
+    if args.dataset != "synthetic" and not os.path.isdir(args.data_root or ""):
+        parser.error(f"--data-root {args.data_root!r}: no such directory (needed for --dataset {args.dataset})")
     return args
 
 
@@ -327,16 +357,29 @@ class C4Backbone(nn.Module):
 
 
 class AlignedRoIAlign(torchvision.ops.MultiScaleRoIAlign):
-    """RoIAlign 14x14 on the single C4 map, aligned=True, sampling ratio 0 (detectron2's ROIAlignV2);
-    torchvision's MultiScaleRoIAlign (whose type FasterRCNN insists on) would use aligned=False."""
+    """detectron2's ROIAlignV2 pooler: RoIAlign with aligned=True (pixel centres at +0.5) and sampling ratio 0
+    (adaptive: ceil(RoI size / output size) samples per bin), on one map (C4) or on the FPN level of
+    detectron2's assign_boxes_to_levels: k = floor(4 + log2(sqrt(area) / 224 + 1e-8)), clamped to P2..P5.
+    torchvision's MultiScaleRoIAlign (whose type FasterRCNN insists on) has no `aligned` option."""
 
-    def __init__(self, output_size=14, stride=16):
-        super().__init__(["0"], output_size, sampling_ratio=0)
-        self.output_size, self.stride = output_size, stride
+    def __init__(self, output_size, strides):
+        super().__init__([str(level) for level in range(len(strides))], output_size, sampling_ratio=0)
+        self.output_size, self.strides = output_size, strides
 
     def forward(self, features, proposals, image_shapes):
-        return torchvision.ops.roi_align(features["0"], proposals, self.output_size, 1.0 / self.stride,
-                                         sampling_ratio=0, aligned=True)  # (R, C4, 14, 14)
+        rois = torch.cat([torch.cat([torch.full_like(p[:, :1], i), p], 1) for i, p in enumerate(proposals)])  # (R, 5)
+        maps = [features[name] for name in self.featmap_names]
+        level = torch.zeros(len(rois), dtype=torch.int64, device=rois.device)
+        if len(maps) > 1:
+            size = ((rois[:, 3] - rois[:, 1]) * (rois[:, 4] - rois[:, 2])).sqrt()
+            first = int(math.log2(self.strides[0]))
+            level = (torch.floor(4 + torch.log2(size / 224 + 1e-8)).clamp(first, first + len(maps) - 1) - first).long()
+        out = maps[0].new_zeros((len(rois), maps[0].shape[1], self.output_size, self.output_size))  # (R, C, S, S)
+        for k, (feature, stride) in enumerate(zip(maps, self.strides)):
+            index = torch.where(level == k)[0]
+            out[index] = torchvision.ops.roi_align(feature, rois[index], self.output_size, 1.0 / stride,
+                                                   sampling_ratio=0, aligned=True).to(out.dtype)
+        return out
 
 
 class Res5BoxHead(nn.Module):
@@ -381,6 +424,16 @@ class FPNBackbone(nn.Module):
         return self.fpn(OrderedDict((str(level), c) for level, c in enumerate(self.body(x))))  # "0".."3", "pool"
 
 
+class ConvFCHeadExtraNorm(FastRCNNConvFCHead):
+    """InsLoc's FastRCNNConvFCHeadExtraNorm: 4 x (conv 3x3 + BN + ReLU), fc1 (1024) + ReLU, then an extra
+    BN over fc1's outputs. Modules 0..5 are exactly insloc.py's exported box head (`box_head.` keys);
+    the extra norm (module 7) is new at fine-tuning, as in InsLoc's release (its converter maps fc1 only)."""
+
+    def __init__(self):
+        super().__init__((256, 7, 7), [256] * 4, [1024], norm_layer=nn.BatchNorm2d)
+        self.append(nn.BatchNorm1d(1024))  # (R, 1024)
+
+
 def build_model(args, num_classes):
     """num_classes excludes the background. Every layer is trainable, plain BatchNorm everywhere."""
     trunk = ResNetTrunk(args.arch)
@@ -394,20 +447,20 @@ def build_model(args, num_classes):
         options.update(rpn_anchor_generator=AnchorGenerator(((32, 64, 128, 256, 512),), ((0.5, 1.0, 2.0),)),
                        rpn_pre_nms_top_n_train=12000, rpn_post_nms_top_n_train=2000,
                        rpn_pre_nms_top_n_test=6000, rpn_post_nms_top_n_test=1000,
-                       box_roi_pool=AlignedRoIAlign(), box_head=box_head, box_predictor=FastRCNNPredictor(C5, num_classes + 1))
+                       box_roi_pool=AlignedRoIAlign(14, [16]), box_head=box_head, box_predictor=FastRCNNPredictor(C5, num_classes + 1))
         if args.model == "mask-c4":  # 7x7 res5 features -> 2x transposed conv (256) -> 1x1 class conv: 14x14 masks
-            options.update(mask_roi_pool=AlignedRoIAlign(), mask_head=SharedRes5MaskHead(box_head),
+            options.update(mask_roi_pool=AlignedRoIAlign(14, [16]), mask_head=SharedRes5MaskHead(box_head),
                            mask_predictor=MaskRCNNPredictor(C5, 256, num_classes + 1))
-    else:
+    else:  # Base-RCNN-FPN: RoIs pooled 7x7 (boxes) / 14x14 (masks) from P2..P5; 1000 proposals per image in training
         backbone = FPNBackbone(trunk)
-        if args.box_head == "4conv1fc":  # InsLoc's head: torchvision's conv-fc head with BN
-            options.update(box_head=FastRCNNConvFCHead((256, 7, 7), [256] * 4, [1024], norm_layer=nn.BatchNorm2d),
-                           box_predictor=FastRCNNPredictor(1024, num_classes + 1))
-        else:
-            options["num_classes"] = num_classes + 1
+        options.update(rpn_post_nms_top_n_train=1000, box_roi_pool=AlignedRoIAlign(7, [4, 8, 16, 32]))
+        box_head = ConvFCHeadExtraNorm() if args.box_head == "4conv1fc" else TwoMLPHead(256 * 7 * 7, 1024)  # InsLoc's / fc, fc
+        options.update(box_head=box_head, box_predictor=FastRCNNPredictor(1024, num_classes + 1))
+        if args.model == "mask-fpn":  # 4 x (conv 3x3 [+ BN] + ReLU) -> 2x transposed conv -> 1x1 class conv: 28x28 masks
+            norm = nn.BatchNorm2d if args.box_head == "4conv1fc" else None  # InsLoc's mask head has BN (ROI_MASK_HEAD.NORM)
+            options.update(mask_roi_pool=AlignedRoIAlign(14, [4, 8, 16, 32]), mask_head=MaskRCNNHeads(256, [256] * 4, 1, norm_layer=norm),
+                           mask_predictor=MaskRCNNPredictor(256, 256, num_classes + 1))
     detector = MaskRCNN if args.model.startswith("mask") else FasterRCNN
-    if args.model == "mask-fpn" and "num_classes" not in options:
-        options["mask_predictor"] = MaskRCNNPredictor(256, 256, num_classes + 1)
     return detector(backbone, **options)
 
 
