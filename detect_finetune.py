@@ -131,7 +131,7 @@ def get_args(argv=None):
     parser.add_argument("--roi-batch-size", type=positive, default=512, help="RoIs sampled per image for the box head")
     parser.add_argument("--max-detections", type=positive, default=100, help="detections kept per image (COCO's maxDets 100)")
     parser.add_argument("--precise-bn-iters", type=count, default=200,
-                        help="PreciseBN: training batches that recompute BN statistics before evaluation; 0 = off")
+                        help="PreciseBN: training batches that recompute BN statistics before evaluation (at most --iters); 0 = off")
     parser.add_argument("--image-size", type=number(int, 32), default=256, help="synthetic: toy world image side, pixels")
     parser.add_argument("--train-images", type=positive, default=5000, help="synthetic: training images")
     parser.add_argument("--test-images", type=count, default=None, help="evaluate on the first N test images, 0 = all (default: all; synthetic 500)")
@@ -151,6 +151,7 @@ def get_args(argv=None):
     schedule = dict(SCHEDULES[args.dataset])
     if args.dataset == "coco" and args.schedule == "2x":
         schedule.update(iters=180000, lr_steps=[120000, 160000])
+    args.precise_bn_iters = min(args.precise_bn_iters, args.iters or schedule["iters"])  # a 1-iteration smoke run needs 1
     if args.warmup is None:  # NOTE: detectron2 does not scale warmup; here it does when --iters shortens the schedule
         args.warmup = round(schedule["warmup"] * (args.iters or schedule["iters"]) / schedule["iters"])
     for name, value in schedule.items():
@@ -220,7 +221,8 @@ class COCODetection(torch.utils.data.Dataset):
     """COCO-format json (`root/annotations/instances_<split>.json` or `root/instances_<split>.json`,
     images in `root/<split>/`): polygons, RLE, crowds. Labels are 1..C in sorted category-id order.
 
-    Training: crowd boxes are dropped and images left without a box are skipped (spec).
+    Training, as detectron2: crowd boxes are dropped, boxes are clipped to the image and kept unless empty
+    (w or h <= 1e-5; torchvision's model refuses w or h <= 0), images left without a box are skipped.
     """
 
     def __init__(self, root, split, train):
@@ -235,9 +237,9 @@ class COCODetection(torch.utils.data.Dataset):
         self.label = {c: n + 1 for n, c in enumerate(self.category_ids)}
         self.num_classes = len(self.category_ids)
         self.annotations = {image["id"]: [] for image in self.coco["images"]}
+        sizes = {image["id"]: (image["width"], image["height"]) for image in self.coco["images"]}
         for a in self.coco["annotations"]:
-            w, h = a["bbox"][2:]
-            if a["image_id"] in self.annotations and not (train and (a.get("iscrowd", 0) or w <= 1 or h <= 1)):
+            if a["image_id"] in self.annotations and not (train and (a.get("iscrowd", 0) or empty_box(a["bbox"], *sizes[a["image_id"]]))):
                 self.annotations[a["image_id"]].append(a)
         self.images = [i for i in sorted(self.coco["images"], key=lambda i: i["id"]) if self.annotations[i["id"]] or not train]
 
@@ -254,12 +256,19 @@ class COCODetection(torch.utils.data.Dataset):
         annotations = self.annotations[info["id"]]
         boxes = torch.tensor([a["bbox"] for a in annotations], dtype=torch.float32).reshape(-1, 4)
         boxes[:, 2:] += boxes[:, :2]  # xywh -> xyxy
+        boxes[:, 0::2], boxes[:, 1::2] = boxes[:, 0::2].clamp(0, image.width), boxes[:, 1::2].clamp(0, image.height)
         target = {"boxes": boxes, "labels": torch.tensor([self.label[a["category_id"]] for a in annotations], dtype=torch.int64),
                   "image_id": info["id"]}
         if "segmentation" in (annotations[0] if annotations else {}):
             masks = [mask_from_segmentation(a["segmentation"], image.height, image.width) for a in annotations]
             target["masks"] = torch.from_numpy(np.stack(masks)) if masks else torch.zeros((0, image.height, image.width), dtype=torch.uint8)
         return image, target
+
+
+def empty_box(box, width, height):
+    """detectron2's Boxes.clip + nonempty(1e-5) on a COCO xywh box."""
+    x, y, w, h = box
+    return min(x + w, width) - max(x, 0) <= 1e-5 or min(y + h, height) - max(y, 0) <= 1e-5
 
 
 class SyntheticDetection(torch.utils.data.Dataset):
@@ -1024,9 +1033,9 @@ def learning_rate(iteration, args):
     return args.lr_actual * factor
 
 
-def train(model, ddp_model, loader, optimizer, start, args, log):
+def train(model, ddp_model, batches, optimizer, start, args, log):
     model.train()
-    batches, begin = iter(loader), time.time()
+    begin = time.time()
     end = begin
     for iteration in range(start, args.iters):
         images, targets = next(batches)
@@ -1046,13 +1055,44 @@ def train(model, ddp_model, loader, optimizer, start, args, log):
         loss.backward()
         optimizer.step()
         step_time, end = time.time() - end, time.time()
-        if (iteration + 1) % args.save_freq == 0 or iteration + 1 == args.iters:
+        if (iteration + 1) % args.save_freq == 0 and iteration + 1 < args.iters:  # the final one follows PreciseBN
             save_checkpoint(model, optimizer, iteration + 1, args)
         if iteration % args.print_freq == 0 or iteration + 1 == args.iters:
             done = iteration + 1 - start
             log({"iteration": iteration, "iters": args.iters, "lr": lr, "loss": loss.item(), **{k: v.item() for k, v in losses.items()},
                  "img_per_s": args.batch_size / step_time, "it_per_s": done / (end - begin), "data_time": data_time,
                  "step_time": step_time, "eta_s": (end - begin) / done * (args.iters - iteration - 1)})
+
+
+@torch.no_grad()
+def precise_bn(model, batches, args):
+    """PreciseBN (detectron2's hook; TEST.PRECISE_BN in MoCo's and InsLoc's configs): before evaluation, every
+    BatchNorm's running mean / var = the plain average of its batch statistics over --precise-bn-iters
+    training batches of the final weights, instead of the EMA that lags behind the weights; then averaged
+    over processes (SyncBN already made them equal; on CPU/gloo BN is per process). Weights do not change.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not args.precise_bn_iters or not norms:
+        return
+    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average: after n batches, running = (1/n) sum of the n batch statistics
+    model.train()
+    for _ in range(args.precise_bn_iters):
+        images, targets = next(batches)
+        images = [image.to(args.device, non_blocking=True) for image in images]
+        targets = [{k: v.to(args.device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
+        with torch.autocast(args.device.type, dtype=torch.bfloat16, enabled=args.amp):
+            model(images, targets)  # training-mode forward: same RoI sampling as training, losses unused
+    for m, (momentum, tracked) in zip(norms, saved):
+        m.momentum, m.num_batches_tracked = momentum, tracked
+        if args.world_size > 1:
+            for statistic in (m.running_mean, m.running_var):
+                dist.all_reduce(statistic)
+                statistic /= args.world_size
+    if args.is_main:
+        print(f"precise BN: statistics of {len(norms)} BatchNorm layers recomputed over {args.precise_bn_iters} batches", flush=True)
 
 
 # ---------------------------------------------------------------------------------------
@@ -1108,17 +1148,19 @@ def load_checkpoint(model, optimizer, args):
 
 
 def save_checkpoint(model, optimizer, iteration, args):
-    """checkpoint.pth (to resume) and model_final.pth (weights) on the main process, atomically."""
+    """checkpoint.pth on the main process, atomically: the only file a run keeps (rerun = resume).
+    The final one (iteration == --iters, after PreciseBN) is the trained model: it drops the optimizer's
+    momentum buffers (as large as the model; nothing is left to train), keeping its lr groups."""
     if not args.is_main:
         return
-    state = {"method": "detect", "iteration": iteration, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+    optimizer_state = optimizer.state_dict()
+    if iteration >= args.iters:
+        optimizer_state["state"] = {}  # NOTE: a run extended with a larger --iters restarts momentum from zero
+    state = {"method": "detect", "iteration": iteration, "model": model.state_dict(), "optimizer": optimizer_state,
              "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, type(None)))}}
-    for name, obj in (("checkpoint.pth", state), ("model_final.pth", model.state_dict())):
-        if name == "model_final.pth" and iteration < args.iters:
-            continue
-        path = os.path.join(args.output_dir, name)
-        torch.save(obj, path + ".tmp")
-        os.replace(path + ".tmp", path)
+    path = os.path.join(args.output_dir, "checkpoint.pth")
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
 
 
 # ---------------------------------------------------------------------------------------
@@ -1144,7 +1186,10 @@ def main(args):
         print(f"world size {args.world_size}, device {args.device}, {args.model} {args.arch}, global batch {args.batch_size}, "
               f"lr {args.lr_actual:.4f} (= {args.lr} x {args.batch_size}/16), {len(train_set)} train / "
               f"{min(len(test_set), args.test_images or len(test_set))} test images, backbone {count(model.backbone):.2f}M, "
-              f"rpn {count(model.rpn):.2f}M, roi heads {count(model.roi_heads):.2f}M params")
+              f"rpn {count(model.rpn):.2f}M, roi heads {count(model.roi_heads):.2f}M params\n"
+              f"schedule: {args.iters} iterations, lr x0.1 at {args.lr_steps}, warmup {args.warmup} iterations "
+              f"({args.dataset} default {SCHEDULES[args.dataset]['warmup']}, scaled with --iters), "
+              f"precise BN {args.precise_bn_iters} batches")
     ddp_model = model
     if args.world_size > 1:
         ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[args.device] if args.device.type == "cuda" else None)
@@ -1154,7 +1199,10 @@ def main(args):
                                          args.world_size, args.seed, start)
         loader = torch.utils.data.DataLoader(DetectionTransform(train_set, True), batch_sampler=sampler, num_workers=args.workers,
                                              collate_fn=collate, pin_memory=args.device.type == "cuda")
-        train(model, ddp_model, loader, optimizer, start, args, make_logger(args))
+        batches = iter(loader)  # endless: PreciseBN continues with the batches after training's
+        train(model, ddp_model, batches, optimizer, start, args, make_logger(args))
+        precise_bn(model, batches, args)
+        save_checkpoint(model, optimizer, args.iters, args)
     metrics = evaluate(model, test_set, args)
     if args.is_main:
         protocol = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, type(None))) and k != "is_main"}

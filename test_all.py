@@ -1403,7 +1403,8 @@ def test_detect_coco_json_end_to_end_matches_pycocotools(tmp_path, capsys):
         stats, _, _ = _detect_pycocotools(gt, [{k: v for k, v in d.items() if k != dropped} for d in detections], iou_type)
         ours = [metrics[iou_type][name] for name in detect.COCO_STATS]
         np.testing.assert_allclose(ours, np.where(stats >= 0, 100 * stats, -1), atol=1e-4)
-    assert os.path.exists(out / "model_final.pth")
+    assert not os.path.exists(out / "model_final.pth")  # one file per run: the final checkpoint.pth, without momentum
+    assert torch.load(out / "checkpoint.pth", weights_only=True)["optimizer"]["state"] == {}
 
 
 def test_detect_voc_dataset_reading(tmp_path):
