@@ -43,9 +43,10 @@ import json
 import math
 import os
 import pathlib
-import pickle
 import random
+import re
 import time
+import warnings
 import xml.etree.ElementTree as ElementTree
 from collections import OrderedDict
 
@@ -473,14 +474,40 @@ def build_model(args, num_classes):
     return detector(backbone, **options)
 
 
+def read_weights(path):
+    """torch.load(weights_only=True), with one line for each kind of file that holds no weights."""
+    where = f"error: --pretrained {path}"
+    if not os.path.exists(path):
+        raise SystemExit(f"{where}: no such file")
+    if os.path.isdir(path):
+        raise SystemExit(f"{where} is a directory, not a weights file")
+    if os.path.getsize(path) == 0:
+        raise SystemExit(f"{where} is an empty file")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    try:
+        with warnings.catch_warnings():  # torch warns about pickle protocols before refusing a plain pickle
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # every way a file can fail to be weights: name which one it is
+        blocked = re.search(r"GLOBAL (\S+)", str(error))
+        if blocked:
+            raise SystemExit(f"{where} refused (weights_only=True): it contains Python objects ({blocked.group(1)}), not only tensors")
+        if head == b"PK\x03\x04":  # torch.save's zip format
+            raise SystemExit(f"{where} is a truncated or damaged torch file (its zip archive cannot be read)")
+        if head[:1] == b"\x80":  # a pickle: torch's legacy format or a plain Python pickle
+            raise SystemExit(f"{where} is a plain Python pickle or a truncated legacy torch file, not a weights file")
+        raise SystemExit(f"{where} is not a torch file (neither a zip archive nor a pickle)")
+    if torch.is_tensor(state):
+        raise SystemExit(f"{where} holds a single tensor, not a state dict of named weights")
+    if not isinstance(state, dict) or not any(torch.is_tensor(v) or isinstance(v, dict) for v in state.values()):
+        raise SystemExit(f"{where} holds a {type(state).__name__} without tensors, not a state dict of named weights")
+    return state
+
+
 def pretrained_state_dict(path):
     """Any accepted --pretrained file -> torchvision ResNet keys (+ InsLoc's fpn.* / box_head.*)."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise SystemExit(f"error: --pretrained {path}: no such file")
-    except pickle.UnpicklingError as error:
-        raise SystemExit(f"error: --pretrained {path} is not a plain weights file; refused by weights_only=True ({error})")
+    state = read_weights(path)
     for wrapper in ("model", "state_dict"):  # this repo's checkpoint.pth, MoCo's official checkpoints
         if isinstance(state.get(wrapper), dict):
             state = state[wrapper]
@@ -488,7 +515,19 @@ def pretrained_state_dict(path):
     prefixes = (("module.encoder_q.", ""), ("encoder_q.backbone.", ""), ("encoder_q.fpn.", "fpn."), ("encoder_q.box_head.", "box_head."))
     if any(key.startswith(old) for key in state for old, _ in prefixes):  # contrastive: the query encoder only
         state = {new + key[len(old):]: value for key, value in state.items() for old, new in prefixes if key.startswith(old)}
-    return {key: value for key, value in state.items() if not key.startswith("fc.")}  # classifiers / MoCo MLP
+    return {key: value for key, value in state.items() if not key.startswith("fc.") and torch.is_tensor(value)}  # no classifier
+
+
+RESNET_BLOCKS = {"resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3), "resnet50": (3, 4, 6, 3), "resnet101": (3, 4, 23, 3),
+                 "resnet152": (3, 8, 36, 3)}  # residual blocks in layer1..layer4
+
+
+def resnet_depth(keys):
+    """The torchvision ResNet that ResNet keys come from (blocks per stage, basic or bottleneck), or None."""
+    blocks = tuple(1 + max((int(k.split(".")[1]) for k in keys if k.startswith(f"layer{i}.")), default=-1) for i in range(1, 5))
+    bottleneck = any(".conv3." in k for k in keys)
+    names = [name for name, counts in RESNET_BLOCKS.items() if counts == blocks and bottleneck == (name not in ("resnet18", "resnet34"))]
+    return names[0] if names else None
 
 
 def detector_key(key, model_keys):
@@ -505,33 +544,45 @@ def detector_key(key, model_keys):
 
 
 def load_pretrained(model, args):
-    """Load --pretrained into the detector; print missing/unexpected keys; missing backbone keys are an error."""
+    """Load --pretrained into the detector. Missing backbone keys, ResNet keys the model lacks, and shape
+    mismatches are errors (naming the ResNet the file looks like); the report is a short summary on the
+    console, the full key lists go to log.jsonl."""
     if args.pretrained == "none":
         return {"missing": [], "unexpected": []}
     source = pretrained_state_dict(args.pretrained)
     target = model.state_dict()
     if args.load == "backbone":
         source = {k: v for k, v in source.items() if not k.startswith(("fpn.", "box_head."))}
+    depth = resnet_depth([k for k in source if k.startswith("layer")])
+    hint = f"it looks like a {depth} backbone: pass --arch {depth}" if depth and depth != args.arch else "wrong --arch?"
     loaded, unexpected = {}, []
     for key, value in source.items():
         new = detector_key(key, target)
         if new is None:
             unexpected.append(key)
         elif target[new].shape != value.shape:
-            raise SystemExit(f"error: {args.pretrained}: {key} has shape {tuple(value.shape)}, the {args.arch} "
-                             f"{args.model} needs {tuple(target[new].shape)}; wrong --arch?")
+            raise SystemExit(f"error: --pretrained {args.pretrained}: {key} has shape {tuple(value.shape)}, the {args.arch} "
+                             f"{args.model} needs {tuple(target[new].shape)}; {hint}")
         else:
             loaded[new] = value
     # NOTE: BN's num_batches_tracked is a counter, not a weight (old torchvision files lack it)
     backbone = [k for k in target if k.startswith(("backbone.body.", "roi_heads.box_head.res5.")) and "num_batches_tracked" not in k]
     missing = [k for k in backbone if k not in loaded]
-    model.load_state_dict(loaded, strict=False)
+    summary = lambda keys: f"{len(keys)} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})" if keys else "none"
     if args.is_main:
-        print(f"loaded {len(loaded)} tensors from {args.pretrained}; missing backbone keys: {missing or 'none'}; "
-              f"unexpected (not loaded): {unexpected or 'none'}")
+        os.makedirs(args.output_dir, exist_ok=True)
+        with open(os.path.join(args.output_dir, "log.jsonl"), "a") as f:
+            f.write(json.dumps({"pretrained": args.pretrained, "loaded": sorted(loaded), "missing": missing, "unexpected": unexpected}) + "\n")
+        print(f"loaded {len(loaded)} tensors from {args.pretrained}; missing backbone keys: {summary(missing)}; "
+              f"not loaded: {summary(unexpected)}; full lists in {os.path.join(args.output_dir, 'log.jsonl')}")
+    extra = [k for k in unexpected if k.startswith(("conv1.", "bn1.", "layer"))]  # ResNet keys this --arch does not have
+    if extra:
+        raise SystemExit(f"error: --pretrained {args.pretrained} has {len(extra)} ResNet keys that a {args.arch} lacks "
+                         f"(e.g. {extra[0]}); {hint}")
     if missing and not args.allow_missing:
         raise SystemExit(f"error: {len(missing)} backbone keys missing from {args.pretrained} (e.g. {missing[0]}); "
-                         "wrong --arch, or pass --allow-missing")
+                         f"{hint[:-1] + ', or' if hint.endswith('?') else hint + '; or'} pass --allow-missing")
+    model.load_state_dict(loaded, strict=False)
     return {"missing": missing, "unexpected": unexpected}
 
 
@@ -979,16 +1030,8 @@ def evaluate(model, dataset, args):
     if not args.is_main:
         return None
     start = time.time()
-    if args.dataset == "voc":  # NOTE: evaluated in VOC's 1-based pixels, as detectron2 (xmin, ymin + 1)
-        by_image = {t["image_id"]: {"boxes": [], "scores": [], "labels": []} for t in truths}
-        for d in detections:
-            x, y, w, h = d["bbox"]
-            by_image[d["image_id"]]["boxes"].append([x + 1, y + 1, x + w, y + h])
-            by_image[d["image_id"]]["scores"].append(d["score"])
-            by_image[d["image_id"]]["labels"].append(d["category_id"])
-        gt = [{"boxes": np.array(t["boxes"]).reshape(-1, 4) + [1, 1, 0, 0], "labels": t["labels"], "difficult": t["difficult"]}
-              for t in truths]
-        metrics = {"bbox": voc_evaluate(gt, [by_image[t["image_id"]] for t in truths], len(VOC_CLASSES))}
+    if args.dataset == "voc":
+        metrics = {"bbox": voc_evaluate(*voc_inputs(truths, detections), len(VOC_CLASSES))}
         metrics["bbox"].pop("per_class")
     else:
         gt = coco_ground_truth(dataset, truths)
@@ -1000,6 +1043,22 @@ def evaluate(model, dataset, args):
     with open(os.path.join(args.output_dir, "detections.json"), "w") as f:
         json.dump(detections, f)
     return metrics
+
+
+def voc_inputs(truths, detections):
+    """Ground truth and COCO-format detections -> voc_evaluate's per-image lists, in VOC's 1-based pixels
+    (xmin, ymin + 1). Detections pass through text as in detectron2's PascalVOCDetectionEvaluator, which
+    writes "{score:.3f} {xmin:.1f} {ymin:.1f} {xmax:.1f} {ymax:.1f}" for voc_eval: the rounding can make
+    scores tie and move an IoU across a threshold, so it is part of the number the papers report."""
+    by_image = {t["image_id"]: {"boxes": [], "scores": [], "labels": []} for t in truths}
+    for d in detections:
+        x, y, w, h = d["bbox"]
+        by_image[d["image_id"]]["boxes"].append([float(f"{v:.1f}") for v in (x + 1, y + 1, x + w, y + h)])
+        by_image[d["image_id"]]["scores"].append(float(f"{d['score']:.3f}"))
+        by_image[d["image_id"]]["labels"].append(d["category_id"])
+    gt = [{"boxes": np.array(t["boxes"]).reshape(-1, 4) + [1, 1, 0, 0], "labels": t["labels"], "difficult": t["difficult"]}
+          for t in truths]
+    return gt, [by_image[t["image_id"]] for t in truths]
 
 
 def coco_ground_truth(dataset, truths):
