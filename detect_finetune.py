@@ -104,7 +104,7 @@ def get_args(argv=None):
     positive, count = number(int, 1), number(int, 0)
     parser.add_argument("--dataset", default="voc", choices=["voc", "coco", "synthetic"], help="synthetic = the toy world")
     parser.add_argument("--data-root", default=None,
-                        help="VOCdevkit, or a folder with <split>/ + [annotations/]instances_<split>.json (voc, coco: required)")
+                        help="VOCdevkit, or a folder with <split>/ + [annotations/]instances_<split>.json (default: none; voc and coco need it)")
     parser.add_argument("--train-split", default=None, help="default: voc 2007-trainval+2012-trainval, coco train2017")
     parser.add_argument("--test-split", default=None, help="default: voc 2007-test, coco val2017")
     parser.add_argument("--model", default="faster-c4", choices=["faster-c4", "faster-fpn", "mask-c4", "mask-fpn"],
@@ -543,13 +543,13 @@ def detector_key(key, model_keys):
     return new if new in model_keys else None
 
 
-def load_pretrained(model, args):
+def load_pretrained(model, args, source=None):
     """Load --pretrained into the detector. Missing backbone keys, ResNet keys the model lacks, and shape
     mismatches are errors (naming the ResNet the file looks like); the report is a short summary on the
     console, the full key lists go to log.jsonl."""
     if args.pretrained == "none":
         return {"missing": [], "unexpected": []}
-    source = pretrained_state_dict(args.pretrained)
+    source = pretrained_state_dict(args.pretrained) if source is None else source
     target = model.state_dict()
     if args.load == "backbone":
         source = {k: v for k, v in source.items() if not k.startswith(("fpn.", "box_head."))}
@@ -690,8 +690,6 @@ def mask_from_segmentation(segmentation, height, width):
     """COCO segmentation (polygons, uncompressed or compressed RLE) -> (H, W) uint8, as pycocotools'
     annToMask: polygons rasterised by rleFrPoly (above), the parts of an object merged by union."""
     if isinstance(segmentation, list):
-        if segmentation and len(segmentation[0]) == 4:  # NOTE: frPyObjects reads 4-value parts as boxes x, y, w, h
-            segmentation = [[x, y, x, y + h, x + w, y + h, x + w, y] for x, y, w, h in segmentation]
         mask = np.zeros((height, width), dtype=np.uint8)
         for polygon in segmentation:
             mask |= mask_from_segmentation({"size": [height, width], "counts": polygon_rle_counts(polygon, height, width)}, height, width)
@@ -1229,12 +1227,13 @@ def save_checkpoint(model, optimizer, iteration, args):
 
 def main(args):
     setup_distributed(args)
+    source = pretrained_state_dict(args.pretrained) if args.pretrained != "none" else None  # a bad file fails before data loads
     os.makedirs(args.output_dir, exist_ok=True)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     train_set, test_set = open_dataset(args, train=True), open_dataset(args, train=False)
     model = build_model(args, train_set.num_classes)
-    load_pretrained(model, args)
+    load_pretrained(model, args, source)
     model.to(args.device)
     if args.world_size > 1 and args.device.type == "cuda":  # NOTE: SyncBN needs CUDA; on CPU (gloo) BN stays per process
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
