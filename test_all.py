@@ -1710,10 +1710,20 @@ def test_detect_coco_training_keeps_small_boxes_as_detectron2(tmp_path):
     assert all(torch.isfinite(v) for v in losses.values())
 
 
-def _detect_run(*flags, cwd=None):
-    return subprocess.Popen([sys.executable, "detect_finetune.py", "--tiny", "--workers", "0", *flags],
-                            cwd=os.path.dirname(os.path.abspath(__file__)), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+def _detect_cli_errors(runs):
+    """Each flag list run through get_args + main in ONE subprocess (a torch import per case would take
+    seconds): the message a SystemExit prints, or everything else the process printed (a traceback)."""
+    script = ("import json, sys, detect_finetune as d\n"
+              "for flags in json.loads(sys.argv[1]):\n"
+              "    try:\n"
+              "        d.main(d.get_args(['--tiny', '--workers', '0'] + flags))\n"
+              "    except SystemExit as error:\n"
+              "        print(error, file=sys.stderr)\n"
+              "    print('@@', file=sys.stderr, flush=True)\n")
+    result = subprocess.run([sys.executable, "-c", script, json.dumps(runs)], cwd=os.path.dirname(os.path.abspath(__file__)),
+                            capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert "Traceback" not in result.stderr and "weights_only=False" not in result.stdout + result.stderr, result.stderr
+    return [[line for line in part.splitlines() if line.strip()] for part in result.stderr.split("@@\n")[:-1]]
 
 
 def test_detect_bad_weight_files_give_one_line(tmp_path):
@@ -1726,17 +1736,15 @@ def test_detect_bad_weight_files_give_one_line(tmp_path):
     (tmp_path / "random.pth").write_bytes(bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8)))
     torch.save({"conv1.weight": torch.zeros(1), "payload": _DetectEvil()}, tmp_path / "evil.pth")
     (tmp_path / "pickle.pth").write_bytes(pickle.dumps({"payload": _DetectEvil()}))
-    expected = {"truncated.pth": "truncated or damaged torch file", "empty.pth": "is an empty file",
+    expected = {"truncated.pth": "is a truncated or damaged torch file", "empty.pth": "is an empty file",
                 "folder.pth": "is a directory", "tensor.pth": "holds a single tensor", "random.pth": "is not a torch file",
                 "evil.pth": "refused (weights_only=True): it contains Python objects (posix.system)",
-                "pickle.pth": "is a plain Python pickle", "missing.pth": "no such file"}
+                "pickle.pth": "is a plain Python pickle", "missing.pth": ": no such file"}
     marker = tmp_path / "pwned"
-    runs = {name: _detect_run("--pretrained", str(tmp_path / name), "--output-dir", str(tmp_path / "run")) for name in expected}
-    for name, process in runs.items():
-        out, err = process.communicate(timeout=300)
-        lines = [line for line in (out + err).splitlines() if line.strip()]
-        assert process.returncode == 1 and len(lines) == 1 and expected[name] in lines[0], (name, out, err)
-        assert "Traceback" not in err and "weights_only=False" not in out + err
+    outputs = _detect_cli_errors([["--pretrained", str(tmp_path / name), "--output-dir", str(tmp_path / "run")] for name in expected])
+    for (name, message), lines in zip(expected.items(), outputs):
+        assert len(lines) == 1 and lines[0].startswith(f"error: --pretrained {tmp_path / name}") and message in lines[0], (name, lines)
+    assert len(outputs) == len(expected)
     assert not marker.exists() and not (tmp_path / "run").exists()  # nothing ran, nothing was created
 
 
@@ -1757,11 +1765,9 @@ def test_detect_wrong_resnet_depth_is_named(tmp_path, capsys):
         for block in range(2, blocks):
             state[f"layer{layer}.{block}.conv1.weight"] = torch.zeros(1)
     torch.save(state, tmp_path / "r34.pth")
-    process = _detect_run("--pretrained", str(tmp_path / "r34.pth"), "--train-images", "4", "--output-dir", str(tmp_path / "run34"))
-    out, err = process.communicate(timeout=300)
-    assert process.returncode == 1 and "Traceback" not in err
-    assert err.strip().splitlines() == [f"error: --pretrained {tmp_path / 'r34.pth'} has 8 ResNet keys that a resnet18 lacks "
-                                        "(e.g. layer1.2.conv1.weight); it looks like a resnet34 backbone: pass --arch resnet34"]
+    lines, = _detect_cli_errors([["--pretrained", str(tmp_path / "r34.pth"), "--train-images", "4", "--output-dir", str(tmp_path / "run34")]])
+    assert lines == [f"error: --pretrained {tmp_path / 'r34.pth'} has 8 ResNet keys that a resnet18 lacks "
+                     "(e.g. layer1.2.conv1.weight); it looks like a resnet34 backbone: pass --arch resnet34"]
 
 
 if __name__ == "__main__":
