@@ -470,8 +470,27 @@ def build_model(args, num_classes):
             norm = nn.BatchNorm2d if args.box_head == "4conv1fc" else None  # InsLoc's mask head has BN (ROI_MASK_HEAD.NORM)
             options.update(mask_roi_pool=AlignedRoIAlign(14, [4, 8, 16, 32]), mask_head=MaskRCNNHeads(256, [256] * 4, 1, norm_layer=norm),
                            mask_predictor=MaskRCNNPredictor(256, 256, num_classes + 1))
-    detector = MaskRCNN if args.model.startswith("mask") else FasterRCNN
-    return detector(backbone, **options)
+    detector = (MaskRCNN if args.model.startswith("mask") else FasterRCNN)(backbone, **options)
+    detectron2_init(detector.roi_heads, fpn=args.model.endswith("fpn"))
+    return detector
+
+
+def detectron2_init(heads, fpn):
+    """detectron2's initialisation where torchvision's differs: class scores N(0, 0.01), box deltas and mask
+    logits N(0, 0.001), zero biases; FPN box heads: fc layers c2_xavier_fill (kaiming uniform, a=1), convs
+    c2_msra_fill (kaiming normal, fan_out). The C4 box head is res5, i.e. the pretrained layer4."""
+    layers = [(heads.box_predictor.cls_score, 0.01), (heads.box_predictor.bbox_pred, 0.001)]
+    layers += [(heads.mask_predictor.mask_fcn_logits, 0.001)] if heads.has_mask() else []
+    for layer, std in layers:
+        nn.init.normal_(layer.weight, std=std)
+        nn.init.zeros_(layer.bias)
+    for m in heads.box_head.modules() if fpn else []:
+        if isinstance(m, nn.Linear):
+            nn.init.kaiming_uniform_(m.weight, a=1)
+        elif isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        if isinstance(m, (nn.Linear, nn.Conv2d)) and m.bias is not None:
+            nn.init.zeros_(m.bias)
 
 
 def read_weights(path):

@@ -1652,6 +1652,9 @@ def test_detect_fpn_pooler_is_roialign_v2(tmp_path):
     old = torchvision.ops.MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2)(features, boxes, [(256, 320)])
     assert (old - out).abs().max() > 1e-3  # torchvision's pooler (aligned=False, 2 samples) differs
     assert model.roi_heads.mask_roi_pool.output_size == 14 and isinstance(model.roi_heads.mask_roi_pool, detect.AlignedRoIAlign)
+    predictor = model.roi_heads.box_predictor  # detectron2's FastRCNNOutputLayers initialisation
+    assert 0.008 < predictor.cls_score.weight.std() < 0.012 and 0.0008 < predictor.bbox_pred.weight.std() < 0.0012
+    assert not predictor.cls_score.bias.any() and 0.0008 < model.roi_heads.mask_predictor.mask_fcn_logits.weight.std() < 0.0012
 
 
 def test_detect_insloc_head_has_extra_norm_and_mask_bn(tmp_path):
