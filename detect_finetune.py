@@ -2,7 +2,7 @@
 
 The protocol of MoCo (He et al., CVPR 2020, sec. 4.2 and appendix A.3) that DiLo, DUPR, DetCo
 and InsLoc all report, on plain torchvision models instead of detectron2, with the COCO and VOC
-evaluators written in numpy (spec: ../shared/spec/detect_finetune.md).
+evaluators written in numpy.
 
     python detect_finetune.py --tiny --pretrained runs/dilo/backbone.pth      # toy world, CPU, minutes
     torchrun --nproc_per_node=8 detect_finetune.py --dataset voc --data-root /data/VOCdevkit \
@@ -17,9 +17,35 @@ evaluators written in numpy (spec: ../shared/spec/detect_finetune.md).
 Models (all layers trainable, BatchNorm everywhere, SyncBatchNorm under DDP on CUDA):
 - `*-c4`: RPN on res4 (stride 16, anchors 32..512 x 0.5/1/2, top-n 12000/2000 train, 6000/1000
   test); RoIAlign 14x14 aligned; box head = res5 (the pretrained layer4) + extra BN + avg pool.
-- `*-fpn`: ResNet + FPN with BN; torchvision's standard RPN and RoI heads.
-Outputs in --output-dir: checkpoint.pth (rerun = resume), model_final.pth, log.jsonl,
-detections.json (COCO results format), metrics.json (every AP number + the protocol).
+- `*-fpn`: ResNet + FPN with BN; RPN and RoI heads as Base-RCNN-FPN; `--box-head 4conv1fc` = InsLoc's.
+Outputs in --output-dir: checkpoint.pth (rerun = resume; at the end the trained model, without
+momentum buffers), log.jsonl, detections.json (COCO results format), metrics.json (every AP number
++ the protocol).
+
+The protocol, row by row, against detectron2 with MoCo's configs (C4; VOC, COCO) and InsLoc's (R50-FPN,
+`--box-head 4conv1fc`); = matches, ~ differs (why). Details: docs/transfer_protocol.md.
+ = schedule: VOC 24k it, steps 18k/22k, warmup 100; COCO 90k (2x 180k), steps 60k/80k, warmup 1000;
+   lr 0.02 per 16 images, momentum 0.9, wd 1e-4 (0 on norms), linear warmup from 0.001x
+ ~ warmup with a shorter --iters: scaled in proportion (detectron2 keeps it; a smoke run would be all warmup)
+ = input: RGB, ImageNet mean/std, random short side (VOC 480..800, COCO 640..800), max 1333, flip
+ ~ padding to a multiple of 32 for C4 too (detectron2: none for C4): padded pixels only
+ = all layers trainable (FREEZE_AT 0), SyncBN in ResNet, FPN, box heads, InsLoc's mask head
+ = PreciseBN before evaluation over 200 batches (TEST.PRECISE_BN); here also averaged over processes
+ = RPN: 256 anchors/image, 1/2 positive, IoU 0.7/0.3, NMS 0.7; C4 top-n 12000/2000 train, 6000/1000
+   test; FPN 2000 per level before NMS, 1000 per image after
+ = RoI heads: 512 RoIs/image, 1/4 positive at IoU 0.5, gt added; deltas weighted (10, 10, 5, 5);
+   test score > 0.05, NMS 0.5, 100 detections; predictors N(0, .01) / N(0, .001), FPN fcs c2_xavier_fill
+ = pooler: ROIAlignV2 (aligned, sampling ratio 0), FPN level floor(4 + log2(sqrt(area) / 224))
+ = box heads: res5 + extra BN (MoCo's Res5ROIHeadsExtraNorm); InsLoc's 4conv+BN, fc 1024 + extra BN
+ = COCO training boxes: crowds dropped, boxes clipped and kept unless empty (w or h <= 1e-5)
+ ~ box / RPN regression loss: smooth L1 beta 1/9 (detectron2: L1); it lives inside torchvision's
+   RoIHeads.forward / RPN, so matching it means rewriting them
+ ~ small boxes: torchvision drops predictions under 0.01 px (RPN 0.001 px); detectron2 only empty ones
+ ~ C4 mask branch: res5 runs again on the positive RoIs (detectron2 reuses the box pass's features)
+ ~ masks pasted by torchvision's paste_masks_in_image, not detectron2's grid_sample: edge pixels differ
+ ~ bf16 autocast on CUDA (detectron2's configs: fp32)
+ = evaluators: pycocotools' COCOeval (polygons rasterised as its rleFrPoly); detectron2's VOC
+   evaluator (scores to 3 and coordinates to 1 decimal, 11-point AP, IoU .50:.95), see docs/evaluators.md
 
 Pretrained files: this repo's backbone.pth (torchvision ResNet keys), its checkpoint.pth (the
 query encoder: `encoder_q.backbone.*`, InsLoc's `encoder_q.fpn.*` / `encoder_q.box_head.*`),
