@@ -2,7 +2,7 @@
 
 The protocol of MoCo (He et al., CVPR 2020, sec. 4.2 and appendix A.3) that DiLo, DUPR, DetCo
 and InsLoc all report, on plain torchvision models instead of detectron2, with the COCO and VOC
-evaluators written in numpy (spec: ../shared/spec/detect_finetune.md).
+evaluators written in numpy.
 
     python detect_finetune.py --tiny --pretrained runs/dilo/backbone.pth      # toy world, CPU, minutes
     torchrun --nproc_per_node=8 detect_finetune.py --dataset voc --data-root /data/VOCdevkit \
@@ -17,9 +17,35 @@ evaluators written in numpy (spec: ../shared/spec/detect_finetune.md).
 Models (all layers trainable, BatchNorm everywhere, SyncBatchNorm under DDP on CUDA):
 - `*-c4`: RPN on res4 (stride 16, anchors 32..512 x 0.5/1/2, top-n 12000/2000 train, 6000/1000
   test); RoIAlign 14x14 aligned; box head = res5 (the pretrained layer4) + extra BN + avg pool.
-- `*-fpn`: ResNet + FPN with BN; torchvision's standard RPN and RoI heads.
-Outputs in --output-dir: checkpoint.pth (rerun = resume), model_final.pth, log.jsonl,
-detections.json (COCO results format), metrics.json (every AP number + the protocol).
+- `*-fpn`: ResNet + FPN with BN; RPN and RoI heads as Base-RCNN-FPN; `--box-head 4conv1fc` = InsLoc's.
+Outputs in --output-dir: checkpoint.pth (rerun = resume; at the end the trained model, without
+momentum buffers), log.jsonl, detections.json (COCO results format), metrics.json (every AP number
++ the protocol).
+
+The protocol, row by row, against detectron2 with MoCo's configs (C4; VOC, COCO) and InsLoc's (R50-FPN,
+`--box-head 4conv1fc`); = matches, ~ differs (why). Details: docs/transfer_protocol.md.
+ = schedule: VOC 24k it, steps 18k/22k, warmup 100; COCO 90k (2x 180k), steps 60k/80k, warmup 1000;
+   lr 0.02 per 16 images, momentum 0.9, wd 1e-4 (0 on norms), linear warmup from 0.001x
+ ~ warmup with a shorter --iters: scaled in proportion (detectron2 keeps it; a smoke run would be all warmup)
+ = input: RGB, ImageNet mean/std, random short side (VOC 480..800, COCO 640..800), max 1333, flip
+ ~ padding to a multiple of 32 for C4 too (detectron2: none for C4): padded pixels only
+ = all layers trainable (FREEZE_AT 0), SyncBN in ResNet, FPN, box heads, InsLoc's mask head
+ = PreciseBN before evaluation over 200 batches (TEST.PRECISE_BN); here also averaged over processes
+ = RPN: 256 anchors/image, 1/2 positive, IoU 0.7/0.3, NMS 0.7; C4 top-n 12000/2000 train, 6000/1000
+   test; FPN 2000 per level before NMS, 1000 per image after
+ = RoI heads: 512 RoIs/image, 1/4 positive at IoU 0.5, gt added; deltas weighted (10, 10, 5, 5);
+   test score > 0.05, NMS 0.5, 100 detections; predictors N(0, .01) / N(0, .001), FPN fcs c2_xavier_fill
+ = pooler: ROIAlignV2 (aligned, sampling ratio 0), FPN level floor(4 + log2(sqrt(area) / 224))
+ = box heads: res5 + extra BN (MoCo's Res5ROIHeadsExtraNorm); InsLoc's 4conv+BN, fc 1024 + extra BN
+ = COCO training boxes: crowds dropped, boxes clipped and kept unless empty (w or h <= 1e-5)
+ ~ box / RPN regression loss: smooth L1 beta 1/9 (detectron2: L1); it lives inside torchvision's
+   RoIHeads.forward / RPN, so matching it means rewriting them
+ ~ small boxes: torchvision drops predictions under 0.01 px (RPN 0.001 px); detectron2 only empty ones
+ ~ C4 mask branch: res5 runs again on the positive RoIs (detectron2 reuses the box pass's features)
+ ~ masks pasted by torchvision's paste_masks_in_image, not detectron2's grid_sample: edge pixels differ
+ ~ bf16 autocast on CUDA (detectron2's configs: fp32)
+ = evaluators: pycocotools' COCOeval (polygons rasterised as its rleFrPoly); detectron2's VOC
+   evaluator (scores to 3 and coordinates to 1 decimal, 11-point AP, IoU .50:.95), see docs/evaluators.md
 
 Pretrained files: this repo's backbone.pth (torchvision ResNet keys), its checkpoint.pth (the
 query encoder: `encoder_q.backbone.*`, InsLoc's `encoder_q.fpn.*` / `encoder_q.box_head.*`),
@@ -43,9 +69,10 @@ import json
 import math
 import os
 import pathlib
-import pickle
 import random
+import re
 import time
+import warnings
 import xml.etree.ElementTree as ElementTree
 from collections import OrderedDict
 
@@ -54,11 +81,11 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torchvision
-from PIL import Image, ImageDraw
+from PIL import Image
 from torchvision.models.detection import FasterRCNN, MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor
-from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
+from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from common import IMAGENET_MEAN, IMAGENET_STD, TOY_CATEGORIES, ResNetTrunk, ToyWorld, to_rgb
@@ -67,55 +94,82 @@ from common import IMAGENET_MEAN, IMAGENET_STD, TOY_CATEGORIES, ResNetTrunk, Toy
 # Arguments
 # ---------------------------------------------------------------------------------------
 
-SCHEDULES = {  # spec "Schedules": per dataset, the MoCo protocol's iterations, lr steps and sizes
-    "voc": dict(train_split="2007-trainval+2012-trainval", test_split="2007-test", iters=24000,
-                lr_steps=[18000, 22000], min_size=list(range(480, 801, 32)), test_size=800, max_size=1333),
+SCHEDULES = {  # spec "Schedules": per dataset, the MoCo protocol's iterations, lr steps, warmup and sizes
+    "voc": dict(train_split="2007-trainval+2012-trainval", test_split="2007-test", iters=24000, lr_steps=[18000, 22000],
+                warmup=100, min_size=list(range(480, 801, 32)), test_size=800, max_size=1333),  # MoCo's VOC config
     "coco": dict(train_split="train2017", test_split="val2017", iters=90000, lr_steps=[60000, 80000],
-                 min_size=list(range(640, 801, 32)), test_size=800, max_size=1333),
-    "synthetic": dict(train_split="train", test_split="val", iters=3000, lr_steps=[2000, 2600],
+                 warmup=1000, min_size=list(range(640, 801, 32)), test_size=800, max_size=1333),  # detectron2's default
+    "synthetic": dict(train_split="train", test_split="val", iters=3000, lr_steps=[2000, 2600], warmup=300,
                       min_size=[192, 224, 256], test_size=256, max_size=512),
 }
 TINY = dict(dataset="synthetic", model="faster-fpn", arch="resnet18", image_size=96, train_images=400, test_images=50, iters=200,
-            lr_steps=[150, 180], warmup=20, batch_size=2, lr=0.04, min_size=[80, 96], test_size=96,
-            max_size=160, roi_batch_size=32, workers=1, print_freq=10, save_freq=100)
+            lr_steps=[150, 180], batch_size=2, lr=0.04, min_size=[80, 96], test_size=96, max_size=160, roi_batch_size=32,
+            precise_bn_iters=20, workers=1, print_freq=10, save_freq=100)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" except where the default is None: those help strings name the per-dataset default."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+def number(kind, low, strict=False):
+    """argparse type: a `kind` >= low (> low if strict), else one argparse error line."""
+    def parse(text):
+        value = kind(text)
+        if value < low or (strict and value == low):
+            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {low}, got {text}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in "invalid int value" messages
+    return parse
 
 
 def get_args(argv=None):
-    parser = argparse.ArgumentParser(description="Faster/Mask R-CNN detection transfer",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--dataset", default="voc", choices=["voc", "coco", "synthetic"])
-    parser.add_argument("--data-root", default="", help="VOCdevkit, or a folder with <split>/ + [annotations/]instances_<split>.json")
-    parser.add_argument("--train-split", default=None, help="voc: 2007-trainval+2012-trainval; coco: train2017")
-    parser.add_argument("--test-split", default=None, help="voc: 2007-test; coco: val2017")
-    parser.add_argument("--model", default="faster-c4", choices=["faster-c4", "faster-fpn", "mask-c4", "mask-fpn"])
-    parser.add_argument("--box-head", default="2mlp", choices=["2mlp", "4conv1fc"], help="FPN box head (4conv1fc: InsLoc's, with BN)")
-    parser.add_argument("--arch", default="resnet50", help="torchvision ResNet: resnet18/34/50/101/152")
+    parser = argparse.ArgumentParser(description="Faster/Mask R-CNN detection transfer", formatter_class=HelpFormatter)
+    positive, count = number(int, 1), number(int, 0)
+    parser.add_argument("--dataset", default="voc", choices=["voc", "coco", "synthetic"], help="synthetic = the toy world")
+    parser.add_argument("--data-root", default=None,
+                        help="VOCdevkit, or a folder with <split>/ + [annotations/]instances_<split>.json (default: none; voc and coco need it)")
+    parser.add_argument("--train-split", default=None, help="default: voc 2007-trainval+2012-trainval, coco train2017")
+    parser.add_argument("--test-split", default=None, help="default: voc 2007-test, coco val2017")
+    parser.add_argument("--model", default="faster-c4", choices=["faster-c4", "faster-fpn", "mask-c4", "mask-fpn"],
+                        help="Faster or Mask R-CNN, on res4 (C4, MoCo's) or on an FPN")
+    parser.add_argument("--box-head", default="2mlp", choices=["2mlp", "4conv1fc"],
+                        help="FPN box head; 4conv1fc: InsLoc's, BN + an extra BN after fc1 (and BN in the mask head)")
+    parser.add_argument("--arch", default="resnet50", choices=["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"],
+                        help="torchvision ResNet")
     parser.add_argument("--pretrained", default="none", help="this repo's backbone.pth / checkpoint.pth, torchvision or MoCo file, or 'none'")
     parser.add_argument("--load", default="all", choices=["backbone", "all"], help="all: also InsLoc's fpn./box_head. tensors")
     parser.add_argument("--allow-missing", action="store_true", help="allow backbone keys missing from --pretrained")
     parser.add_argument("--schedule", default="1x", choices=["1x", "2x"], help="COCO: 90k or 180k iterations")
-    parser.add_argument("--iters", type=int, default=None, help="training iterations")
-    parser.add_argument("--lr-steps", type=int, nargs="+", default=None, help="iterations where lr is multiplied by 0.1")
-    parser.add_argument("--warmup", type=int, default=100, help="linear warmup iterations")
-    parser.add_argument("--batch-size", type=int, default=16, help="global batch (images) over all processes")
-    parser.add_argument("--lr", type=float, default=0.02, help="base lr per 16 images (scaled linearly)")
-    parser.add_argument("--wd", type=float, default=1e-4, help="weight decay (not on norm layers)")
-    parser.add_argument("--min-size", type=int, nargs="+", default=None, help="training short sides, pixels (one at random per image)")
-    parser.add_argument("--test-size", type=int, default=None, help="test short side, pixels")
-    parser.add_argument("--max-size", type=int, default=None, help="cap on the long side, pixels")
-    parser.add_argument("--roi-batch-size", type=int, default=512, help="RoIs sampled per image for the box head")
-    parser.add_argument("--max-detections", type=int, default=100, help="detections kept per image (COCO's maxDets 100)")
-    parser.add_argument("--image-size", type=int, default=256, help="synthetic: toy world image side")
-    parser.add_argument("--train-images", type=int, default=5000, help="synthetic: training images")
-    parser.add_argument("--test-images", type=int, default=0, help="evaluate on the first N test images (0 = all; synthetic: 500)")
-    parser.add_argument("--workers", type=int, default=4, help="data loader workers per process")
-    parser.add_argument("--output-dir", default="runs/detect")
+    parser.add_argument("--iters", type=positive, default=None, help="training iterations (default: voc 24000, coco 90000, synthetic 3000)")
+    parser.add_argument("--lr-steps", type=positive, nargs="+", default=None,
+                        help="iterations where lr is multiplied by 0.1 (default: voc 18000 22000, coco 60000 80000)")
+    parser.add_argument("--warmup", type=count, default=None, help="linear warmup iterations (default: voc 100, coco 1000, "
+                        "synthetic 300, scaled by --iters / the dataset's iterations)")
+    parser.add_argument("--batch-size", type=positive, default=16, help="global batch (images) over all processes")
+    parser.add_argument("--lr", type=number(float, 0, strict=True), default=0.02, help="base lr per 16 images (scaled linearly)")
+    parser.add_argument("--wd", type=number(float, 0), default=1e-4, help="weight decay (not on norm layers)")
+    parser.add_argument("--min-size", type=positive, nargs="+", default=None,
+                        help="training short sides, pixels, one at random per image (default: voc 480..800, coco 640..800, step 32)")
+    parser.add_argument("--test-size", type=positive, default=None, help="test short side, pixels (default: 800; synthetic 256)")
+    parser.add_argument("--max-size", type=positive, default=None, help="cap on the long side, pixels (default: 1333; synthetic 512)")
+    parser.add_argument("--roi-batch-size", type=positive, default=512, help="RoIs sampled per image for the box head")
+    parser.add_argument("--max-detections", type=positive, default=100, help="detections kept per image (COCO's maxDets 100)")
+    parser.add_argument("--precise-bn-iters", type=count, default=200,
+                        help="PreciseBN: training batches that recompute BN statistics before evaluation (at most --iters); 0 = off")
+    parser.add_argument("--image-size", type=number(int, 32), default=256, help="synthetic: toy world image side, pixels")
+    parser.add_argument("--train-images", type=positive, default=5000, help="synthetic: training images")
+    parser.add_argument("--test-images", type=count, default=None, help="evaluate on the first N test images, 0 = all (default: all; synthetic 500)")
+    parser.add_argument("--workers", type=count, default=4, help="data loader workers per process")
+    parser.add_argument("--output-dir", default="runs/detect", help="checkpoint.pth, log.jsonl, detections.json, metrics.json")
     parser.add_argument("--resume", default="auto", help="'auto' (output-dir/checkpoint.pth if present), a path, or 'none'")
     parser.add_argument("--eval-only", action="store_true", help="evaluate the (resumed or pretrained) model and exit")
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on for CUDA)")
-    parser.add_argument("--print-freq", type=int, default=20, help="iterations between log lines")
-    parser.add_argument("--save-freq", type=int, default=2000, help="iterations between checkpoints")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--print-freq", type=positive, default=20, help="iterations between log lines")
+    parser.add_argument("--save-freq", type=positive, default=2000, help="iterations between checkpoints")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the data order, flips and initialisation")
     parser.add_argument("--tiny", action="store_true", help="CPU-sized recipe: " + " ".join(f"{k}={v}" for k, v in TINY.items()))
     args = parser.parse_args(argv)
     if args.tiny:  # the tiny recipe replaces defaults only: explicit flags still win
@@ -124,15 +178,19 @@ def get_args(argv=None):
     schedule = dict(SCHEDULES[args.dataset])
     if args.dataset == "coco" and args.schedule == "2x":
         schedule.update(iters=180000, lr_steps=[120000, 160000])
+    args.precise_bn_iters = min(args.precise_bn_iters, args.iters or schedule["iters"])  # a 1-iteration smoke run needs 1
+    if args.warmup is None:  # NOTE: detectron2 does not scale warmup; here it does when --iters shortens the schedule
+        args.warmup = round(schedule["warmup"] * (args.iters or schedule["iters"]) / schedule["iters"])
     for name, value in schedule.items():
-        if getattr(args, name) is None:
+        if getattr(args, name, None) is None:
             setattr(args, name, value)
-    if args.dataset == "synthetic" and not args.test_images:
-        args.test_images = 500
+    args.test_images = args.test_images or (500 if args.dataset == "synthetic" else 0)  # the toy world has no fixed test set
     if args.model.startswith("mask") and args.dataset == "voc":
-        raise SystemExit(f"error: --model {args.model} needs instance masks: use --dataset coco or synthetic")
-    if args.dataset != "synthetic" and not os.path.isdir(args.data_root):
-        raise SystemExit(f"error: --data-root {args.data_root!r}: no such directory (needed for --dataset {args.dataset})")
+        parser.error(f"--model {args.model} needs instance masks: use --dataset coco or synthetic")
+    if args.box_head == "4conv1fc" and not args.model.endswith("fpn"):
+        parser.error(f"--box-head 4conv1fc is an FPN head: use --model faster-fpn or mask-fpn, not {args.model}")
+    if args.dataset != "synthetic" and not os.path.isdir(args.data_root or ""):
+        parser.error(f"--data-root {args.data_root!r}: no such directory (needed for --dataset {args.dataset})")
     return args
 
 
@@ -190,7 +248,8 @@ class COCODetection(torch.utils.data.Dataset):
     """COCO-format json (`root/annotations/instances_<split>.json` or `root/instances_<split>.json`,
     images in `root/<split>/`): polygons, RLE, crowds. Labels are 1..C in sorted category-id order.
 
-    Training: crowd boxes are dropped and images left without a box are skipped (spec).
+    Training, as detectron2: crowd boxes are dropped, boxes are clipped to the image and kept unless empty
+    (w or h <= 1e-5; torchvision's model refuses w or h <= 0), images left without a box are skipped.
     """
 
     def __init__(self, root, split, train):
@@ -205,9 +264,9 @@ class COCODetection(torch.utils.data.Dataset):
         self.label = {c: n + 1 for n, c in enumerate(self.category_ids)}
         self.num_classes = len(self.category_ids)
         self.annotations = {image["id"]: [] for image in self.coco["images"]}
+        sizes = {image["id"]: (image["width"], image["height"]) for image in self.coco["images"]}
         for a in self.coco["annotations"]:
-            w, h = a["bbox"][2:]
-            if a["image_id"] in self.annotations and not (train and (a.get("iscrowd", 0) or w <= 1 or h <= 1)):
+            if a["image_id"] in self.annotations and not (train and (a.get("iscrowd", 0) or empty_box(a["bbox"], *sizes[a["image_id"]]))):
                 self.annotations[a["image_id"]].append(a)
         self.images = [i for i in sorted(self.coco["images"], key=lambda i: i["id"]) if self.annotations[i["id"]] or not train]
 
@@ -224,12 +283,19 @@ class COCODetection(torch.utils.data.Dataset):
         annotations = self.annotations[info["id"]]
         boxes = torch.tensor([a["bbox"] for a in annotations], dtype=torch.float32).reshape(-1, 4)
         boxes[:, 2:] += boxes[:, :2]  # xywh -> xyxy
+        boxes[:, 0::2], boxes[:, 1::2] = boxes[:, 0::2].clamp(0, image.width), boxes[:, 1::2].clamp(0, image.height)
         target = {"boxes": boxes, "labels": torch.tensor([self.label[a["category_id"]] for a in annotations], dtype=torch.int64),
                   "image_id": info["id"]}
         if "segmentation" in (annotations[0] if annotations else {}):
             masks = [mask_from_segmentation(a["segmentation"], image.height, image.width) for a in annotations]
             target["masks"] = torch.from_numpy(np.stack(masks)) if masks else torch.zeros((0, image.height, image.width), dtype=torch.uint8)
         return image, target
+
+
+def empty_box(box, width, height):
+    """detectron2's Boxes.clip + nonempty(1e-5) on a COCO xywh box."""
+    x, y, w, h = box
+    return min(x + w, width) - max(x, 0) <= 1e-5 or min(y + h, height) - max(y, 0) <= 1e-5
 
 
 class SyntheticDetection(torch.utils.data.Dataset):
@@ -327,16 +393,29 @@ class C4Backbone(nn.Module):
 
 
 class AlignedRoIAlign(torchvision.ops.MultiScaleRoIAlign):
-    """RoIAlign 14x14 on the single C4 map, aligned=True, sampling ratio 0 (detectron2's ROIAlignV2);
-    torchvision's MultiScaleRoIAlign (whose type FasterRCNN insists on) would use aligned=False."""
+    """detectron2's ROIAlignV2 pooler: RoIAlign with aligned=True (pixel centres at +0.5) and sampling ratio 0
+    (adaptive: ceil(RoI size / output size) samples per bin), on one map (C4) or on the FPN level of
+    detectron2's assign_boxes_to_levels: k = floor(4 + log2(sqrt(area) / 224 + 1e-8)), clamped to P2..P5.
+    torchvision's MultiScaleRoIAlign (whose type FasterRCNN insists on) has no `aligned` option."""
 
-    def __init__(self, output_size=14, stride=16):
-        super().__init__(["0"], output_size, sampling_ratio=0)
-        self.output_size, self.stride = output_size, stride
+    def __init__(self, output_size, strides):
+        super().__init__([str(level) for level in range(len(strides))], output_size, sampling_ratio=0)
+        self.output_size, self.strides = output_size, strides
 
     def forward(self, features, proposals, image_shapes):
-        return torchvision.ops.roi_align(features["0"], proposals, self.output_size, 1.0 / self.stride,
-                                         sampling_ratio=0, aligned=True)  # (R, C4, 14, 14)
+        rois = torch.cat([torch.cat([torch.full_like(p[:, :1], i), p], 1) for i, p in enumerate(proposals)])  # (R, 5)
+        maps = [features[name] for name in self.featmap_names]
+        level = torch.zeros(len(rois), dtype=torch.int64, device=rois.device)
+        if len(maps) > 1:
+            size = ((rois[:, 3] - rois[:, 1]) * (rois[:, 4] - rois[:, 2])).sqrt()
+            first = int(math.log2(self.strides[0]))
+            level = (torch.floor(4 + torch.log2(size / 224 + 1e-8)).clamp(first, first + len(maps) - 1) - first).long()
+        out = maps[0].new_zeros((len(rois), maps[0].shape[1], self.output_size, self.output_size))  # (R, C, S, S)
+        for k, (feature, stride) in enumerate(zip(maps, self.strides)):
+            index = torch.where(level == k)[0]
+            out[index] = torchvision.ops.roi_align(feature, rois[index], self.output_size, 1.0 / stride,
+                                                   sampling_ratio=0, aligned=True).to(out.dtype)
+        return out
 
 
 class Res5BoxHead(nn.Module):
@@ -381,6 +460,16 @@ class FPNBackbone(nn.Module):
         return self.fpn(OrderedDict((str(level), c) for level, c in enumerate(self.body(x))))  # "0".."3", "pool"
 
 
+class ConvFCHeadExtraNorm(FastRCNNConvFCHead):
+    """InsLoc's FastRCNNConvFCHeadExtraNorm: 4 x (conv 3x3 + BN + ReLU), fc1 (1024) + ReLU, then an extra
+    BN over fc1's outputs. Modules 0..5 are exactly insloc.py's exported box head (`box_head.` keys);
+    the extra norm (module 7) is new at fine-tuning, as in InsLoc's release (its converter maps fc1 only)."""
+
+    def __init__(self):
+        super().__init__((256, 7, 7), [256] * 4, [1024], norm_layer=nn.BatchNorm2d)
+        self.append(nn.BatchNorm1d(1024))  # (R, 1024)
+
+
 def build_model(args, num_classes):
     """num_classes excludes the background. Every layer is trainable, plain BatchNorm everywhere."""
     trunk = ResNetTrunk(args.arch)
@@ -394,31 +483,76 @@ def build_model(args, num_classes):
         options.update(rpn_anchor_generator=AnchorGenerator(((32, 64, 128, 256, 512),), ((0.5, 1.0, 2.0),)),
                        rpn_pre_nms_top_n_train=12000, rpn_post_nms_top_n_train=2000,
                        rpn_pre_nms_top_n_test=6000, rpn_post_nms_top_n_test=1000,
-                       box_roi_pool=AlignedRoIAlign(), box_head=box_head, box_predictor=FastRCNNPredictor(C5, num_classes + 1))
+                       box_roi_pool=AlignedRoIAlign(14, [16]), box_head=box_head, box_predictor=FastRCNNPredictor(C5, num_classes + 1))
         if args.model == "mask-c4":  # 7x7 res5 features -> 2x transposed conv (256) -> 1x1 class conv: 14x14 masks
-            options.update(mask_roi_pool=AlignedRoIAlign(), mask_head=SharedRes5MaskHead(box_head),
+            options.update(mask_roi_pool=AlignedRoIAlign(14, [16]), mask_head=SharedRes5MaskHead(box_head),
                            mask_predictor=MaskRCNNPredictor(C5, 256, num_classes + 1))
-    else:
+    else:  # Base-RCNN-FPN: RoIs pooled 7x7 (boxes) / 14x14 (masks) from P2..P5; 1000 proposals per image in training
         backbone = FPNBackbone(trunk)
-        if args.box_head == "4conv1fc":  # InsLoc's head: torchvision's conv-fc head with BN
-            options.update(box_head=FastRCNNConvFCHead((256, 7, 7), [256] * 4, [1024], norm_layer=nn.BatchNorm2d),
-                           box_predictor=FastRCNNPredictor(1024, num_classes + 1))
-        else:
-            options["num_classes"] = num_classes + 1
-    detector = MaskRCNN if args.model.startswith("mask") else FasterRCNN
-    if args.model == "mask-fpn" and "num_classes" not in options:
-        options["mask_predictor"] = MaskRCNNPredictor(256, 256, num_classes + 1)
-    return detector(backbone, **options)
+        options.update(rpn_post_nms_top_n_train=1000, box_roi_pool=AlignedRoIAlign(7, [4, 8, 16, 32]))
+        box_head = ConvFCHeadExtraNorm() if args.box_head == "4conv1fc" else TwoMLPHead(256 * 7 * 7, 1024)  # InsLoc's / fc, fc
+        options.update(box_head=box_head, box_predictor=FastRCNNPredictor(1024, num_classes + 1))
+        if args.model == "mask-fpn":  # 4 x (conv 3x3 [+ BN] + ReLU) -> 2x transposed conv -> 1x1 class conv: 28x28 masks
+            norm = nn.BatchNorm2d if args.box_head == "4conv1fc" else None  # InsLoc's mask head has BN (ROI_MASK_HEAD.NORM)
+            options.update(mask_roi_pool=AlignedRoIAlign(14, [4, 8, 16, 32]), mask_head=MaskRCNNHeads(256, [256] * 4, 1, norm_layer=norm),
+                           mask_predictor=MaskRCNNPredictor(256, 256, num_classes + 1))
+    detector = (MaskRCNN if args.model.startswith("mask") else FasterRCNN)(backbone, **options)
+    detectron2_init(detector.roi_heads, fpn=args.model.endswith("fpn"))
+    return detector
+
+
+def detectron2_init(heads, fpn):
+    """detectron2's initialisation where torchvision's differs: class scores N(0, 0.01), box deltas and mask
+    logits N(0, 0.001), zero biases; FPN box heads: fc layers c2_xavier_fill (kaiming uniform, a=1), convs
+    c2_msra_fill (kaiming normal, fan_out). The C4 box head is res5, i.e. the pretrained layer4."""
+    layers = [(heads.box_predictor.cls_score, 0.01), (heads.box_predictor.bbox_pred, 0.001)]
+    layers += [(heads.mask_predictor.mask_fcn_logits, 0.001)] if heads.has_mask() else []
+    for layer, std in layers:
+        nn.init.normal_(layer.weight, std=std)
+        nn.init.zeros_(layer.bias)
+    for m in heads.box_head.modules() if fpn else []:
+        if isinstance(m, nn.Linear):
+            nn.init.kaiming_uniform_(m.weight, a=1)
+        elif isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        if isinstance(m, (nn.Linear, nn.Conv2d)) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+
+def read_weights(path):
+    """torch.load(weights_only=True), with one line for each kind of file that holds no weights."""
+    where = f"error: --pretrained {path}"
+    if not os.path.exists(path):
+        raise SystemExit(f"{where}: no such file")
+    if os.path.isdir(path):
+        raise SystemExit(f"{where} is a directory, not a weights file")
+    if os.path.getsize(path) == 0:
+        raise SystemExit(f"{where} is an empty file")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    try:
+        with warnings.catch_warnings():  # torch warns about pickle protocols before refusing a plain pickle
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # every way a file can fail to be weights: name which one it is
+        blocked = re.search(r"GLOBAL (\S+)", str(error))
+        if blocked:
+            raise SystemExit(f"{where} refused (weights_only=True): it contains Python objects ({blocked.group(1)}), not only tensors")
+        if head == b"PK\x03\x04":  # torch.save's zip format
+            raise SystemExit(f"{where} is a truncated or damaged torch file (its zip archive cannot be read)")
+        if head[:1] == b"\x80":  # a pickle: torch's legacy format or a plain Python pickle
+            raise SystemExit(f"{where} is a plain Python pickle or a truncated legacy torch file, not a weights file")
+        raise SystemExit(f"{where} is not a torch file (neither a zip archive nor a pickle)")
+    if torch.is_tensor(state):
+        raise SystemExit(f"{where} holds a single tensor, not a state dict of named weights")
+    if not isinstance(state, dict) or not any(torch.is_tensor(v) or isinstance(v, dict) for v in state.values()):
+        raise SystemExit(f"{where} holds a {type(state).__name__} without tensors, not a state dict of named weights")
+    return state
 
 
 def pretrained_state_dict(path):
     """Any accepted --pretrained file -> torchvision ResNet keys (+ InsLoc's fpn.* / box_head.*)."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise SystemExit(f"error: --pretrained {path}: no such file")
-    except pickle.UnpicklingError as error:
-        raise SystemExit(f"error: --pretrained {path} is not a plain weights file; refused by weights_only=True ({error})")
+    state = read_weights(path)
     for wrapper in ("model", "state_dict"):  # this repo's checkpoint.pth, MoCo's official checkpoints
         if isinstance(state.get(wrapper), dict):
             state = state[wrapper]
@@ -426,7 +560,19 @@ def pretrained_state_dict(path):
     prefixes = (("module.encoder_q.", ""), ("encoder_q.backbone.", ""), ("encoder_q.fpn.", "fpn."), ("encoder_q.box_head.", "box_head."))
     if any(key.startswith(old) for key in state for old, _ in prefixes):  # contrastive: the query encoder only
         state = {new + key[len(old):]: value for key, value in state.items() for old, new in prefixes if key.startswith(old)}
-    return {key: value for key, value in state.items() if not key.startswith("fc.")}  # classifiers / MoCo MLP
+    return {key: value for key, value in state.items() if not key.startswith("fc.") and torch.is_tensor(value)}  # no classifier
+
+
+RESNET_BLOCKS = {"resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3), "resnet50": (3, 4, 6, 3), "resnet101": (3, 4, 23, 3),
+                 "resnet152": (3, 8, 36, 3)}  # residual blocks in layer1..layer4
+
+
+def resnet_depth(keys):
+    """The torchvision ResNet that ResNet keys come from (blocks per stage, basic or bottleneck), or None."""
+    blocks = tuple(1 + max((int(k.split(".")[1]) for k in keys if k.startswith(f"layer{i}.")), default=-1) for i in range(1, 5))
+    bottleneck = any(".conv3." in k for k in keys)
+    names = [name for name, counts in RESNET_BLOCKS.items() if counts == blocks and bottleneck == (name not in ("resnet18", "resnet34"))]
+    return names[0] if names else None
 
 
 def detector_key(key, model_keys):
@@ -442,34 +588,46 @@ def detector_key(key, model_keys):
     return new if new in model_keys else None
 
 
-def load_pretrained(model, args):
-    """Load --pretrained into the detector; print missing/unexpected keys; missing backbone keys are an error."""
+def load_pretrained(model, args, source=None):
+    """Load --pretrained into the detector. Missing backbone keys, ResNet keys the model lacks, and shape
+    mismatches are errors (naming the ResNet the file looks like); the report is a short summary on the
+    console, the full key lists go to log.jsonl."""
     if args.pretrained == "none":
         return {"missing": [], "unexpected": []}
-    source = pretrained_state_dict(args.pretrained)
+    source = pretrained_state_dict(args.pretrained) if source is None else source
     target = model.state_dict()
     if args.load == "backbone":
         source = {k: v for k, v in source.items() if not k.startswith(("fpn.", "box_head."))}
+    depth = resnet_depth([k for k in source if k.startswith("layer")])
+    hint = f"it looks like a {depth} backbone: pass --arch {depth}" if depth and depth != args.arch else "wrong --arch?"
     loaded, unexpected = {}, []
     for key, value in source.items():
         new = detector_key(key, target)
         if new is None:
             unexpected.append(key)
         elif target[new].shape != value.shape:
-            raise SystemExit(f"error: {args.pretrained}: {key} has shape {tuple(value.shape)}, the {args.arch} "
-                             f"{args.model} needs {tuple(target[new].shape)}; wrong --arch?")
+            raise SystemExit(f"error: --pretrained {args.pretrained}: {key} has shape {tuple(value.shape)}, the {args.arch} "
+                             f"{args.model} needs {tuple(target[new].shape)}; {hint}")
         else:
             loaded[new] = value
     # NOTE: BN's num_batches_tracked is a counter, not a weight (old torchvision files lack it)
     backbone = [k for k in target if k.startswith(("backbone.body.", "roi_heads.box_head.res5.")) and "num_batches_tracked" not in k]
     missing = [k for k in backbone if k not in loaded]
-    model.load_state_dict(loaded, strict=False)
+    summary = lambda keys: f"{len(keys)} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})" if keys else "none"
     if args.is_main:
-        print(f"loaded {len(loaded)} tensors from {args.pretrained}; missing backbone keys: {missing or 'none'}; "
-              f"unexpected (not loaded): {unexpected or 'none'}")
+        os.makedirs(args.output_dir, exist_ok=True)
+        with open(os.path.join(args.output_dir, "log.jsonl"), "a") as f:
+            f.write(json.dumps({"pretrained": args.pretrained, "loaded": sorted(loaded), "missing": missing, "unexpected": unexpected}) + "\n")
+        print(f"loaded {len(loaded)} tensors from {args.pretrained}; missing backbone keys: {summary(missing)}; "
+              f"not loaded: {summary(unexpected)}; full lists in {os.path.join(args.output_dir, 'log.jsonl')}")
+    extra = [k for k in unexpected if k.startswith(("conv1.", "bn1.", "layer"))]  # ResNet keys this --arch does not have
+    if extra:
+        raise SystemExit(f"error: --pretrained {args.pretrained} has {len(extra)} ResNet keys that a {args.arch} lacks "
+                         f"(e.g. {extra[0]}); {hint}")
     if missing and not args.allow_missing:
         raise SystemExit(f"error: {len(missing)} backbone keys missing from {args.pretrained} (e.g. {missing[0]}); "
-                         "wrong --arch, or pass --allow-missing")
+                         f"{hint[:-1] + ', or' if hint.endswith('?') else hint + '; or'} pass --allow-missing")
+    model.load_state_dict(loaded, strict=False)
     return {"missing": missing, "unexpected": unexpected}
 
 
@@ -497,7 +655,12 @@ def rle_counts(mask):
 
 def rle_encode(mask):
     """(H, W) mask -> compressed RLE {"size", "counts": str}, byte for byte maskApi.c's rleToString."""
-    counts = rle_counts(mask).astype(np.int64)
+    return {"size": [int(s) for s in np.shape(mask)], "counts": rle_counts_to_string(rle_counts(mask))}
+
+
+def rle_counts_to_string(counts):
+    """Run lengths -> maskApi.c's rleToString characters."""
+    counts = np.asarray(counts, dtype=np.int64)
     x = counts.copy()
     x[3:] -= counts[1:-2]  # from the 4th on, a count is stored as the difference to the one two back
     # LEB128-like: 5 bits per char (low first), 0x20 = more chars follow, 0x10 of the last = sign, +48
@@ -507,7 +670,7 @@ def rle_encode(mask):
     more = np.where(chunks & 0x10, rest != -1, rest != 0)  # (m, 7)
     keep = np.arange(7) <= np.argmin(more, axis=1)[:, None]  # up to the first chunk without more
     chars = (chunks | (more.astype(np.int64) << 5)) + 48
-    return {"size": [int(s) for s in np.shape(mask)], "counts": chars[keep].astype(np.uint8).tobytes().decode()}
+    return chars[keep].astype(np.uint8).tobytes().decode()
 
 
 def rle_string_to_counts(string):
@@ -526,19 +689,56 @@ def rle_string_to_counts(string):
     return counts
 
 
-def mask_from_segmentation(segmentation, height, width):
-    """COCO segmentation (polygons, uncompressed or compressed RLE) -> (H, W) uint8.
+def polygon_rle_counts(polygon, height, width):
+    """One polygon [x1, y1, x2, y2, ...] -> RLE counts, exactly as pycocotools' rleFrPoly (maskApi.c).
 
-    NOTE: polygons are rasterised with PIL (pixel centres inside or on the outline), which can
-    differ from pycocotools' rasteriser on boundary pixels; RLE decoding is exact.
+    The outline is walked on a 5x finer integer grid, one point per fine step along the edge's
+    longer axis. Wherever the walk steps from one fine column to the next, and that step crosses
+    the centre of a pixel column (fine x = 5 * column + 2), the column's mask toggles at the
+    crossing's y, rounded up. Sorted column-major toggle positions are the run lengths.
     """
+    scale = 5
+    xy = np.asarray(polygon, dtype=np.float64)[: len(polygon) // 2 * 2].reshape(-1, 2)  # (k, 2); an odd last value is dropped
+    corner = np.trunc(scale * xy + 0.5).astype(np.int64)  # C's (int): truncation toward zero, not floor
+    xs, ys = corner[:, 0], corner[:, 1]
+    xe, ye = np.roll(xs, -1), np.roll(ys, -1)  # edge j goes from corner j to corner j + 1 (closed)
+    dx, dy = np.abs(xe - xs), np.abs(ye - ys)
+    along_x = dx >= dy  # step along the longer axis, from its smaller end, and read points back in order
+    flip = np.where(along_x, xs > xe, ys > ye)
+    xs, xe, ys, ye = np.where(flip, xe, xs), np.where(flip, xs, xe), np.where(flip, ye, ys), np.where(flip, ys, ye)
+    steps = np.maximum(dx, dy)  # edge j has steps + 1 points, both corners included
+    # slope along the walk; NOTE: 0 for a repeated corner (C gets 0/0 there; that point's y is never read)
+    slope = np.divide(np.where(along_x, ye - ys, xe - xs), steps, out=np.zeros(len(steps)), where=steps > 0)
+    edge = np.repeat(np.arange(len(steps)), steps + 1)  # (m,) every fine point's edge
+    d = np.arange(len(edge)) - np.repeat(np.cumsum(steps + 1) - (steps + 1), steps + 1)
+    t = np.where(flip[edge], steps[edge] - d, d)
+    rounded = np.trunc(np.where(along_x, ys, xs)[edge] + slope[edge] * t + 0.5).astype(np.int64)  # same float ops as C
+    u = np.where(along_x[edge], xs[edge] + t, rounded)  # (m,) fine x
+    v = np.where(along_x[edge], rounded, ys[edge] + t)  # (m,) fine y
+    j = np.flatnonzero(u[1:] != u[:-1]) + 1  # steps into another fine column
+    column = (np.where(u[j] < u[j - 1], u[j], u[j] - 1) + 0.5) / scale - 0.5
+    row = np.ceil(np.clip((np.minimum(v[j], v[j - 1]) + 0.5) / scale - 0.5, 0, height))
+    crossing = (np.floor(column) == column) & (column >= 0) & (column <= width - 1)  # a pixel centre inside the image
+    toggles = np.sort(np.append(column[crossing].astype(np.int64) * height + row[crossing].astype(np.int64), height * width))
+    runs = np.diff(toggles, prepend=0)
+    # rleFrPoly's last loop: a zero run (two toggles at one place) is dropped and the run after it
+    # joins the previous one; in a row of zeros they pair up, so an odd row merges the next run
+    zero = (runs == 0) & (np.arange(len(runs)) > 0)
+    index = np.arange(len(runs))
+    last_kept = np.maximum.accumulate(np.where(zero, 0, index))  # the last non-zero run at or before each
+    zeros_before = index - 1 - np.concatenate([[0], last_kept[:-1]])
+    start = ~zero & ((zeros_before % 2 == 0) | (index == 0))
+    return np.add.reduceat(runs, np.flatnonzero(start))
+
+
+def mask_from_segmentation(segmentation, height, width):
+    """COCO segmentation (polygons, uncompressed or compressed RLE) -> (H, W) uint8, as pycocotools'
+    annToMask: polygons rasterised by rleFrPoly (above), the parts of an object merged by union."""
     if isinstance(segmentation, list):
-        image = Image.new("L", (width, height), 0)
-        draw = ImageDraw.Draw(image)
+        mask = np.zeros((height, width), dtype=np.uint8)
         for polygon in segmentation:
-            if len(polygon) >= 6:
-                draw.polygon([float(v) for v in polygon], fill=1, outline=1)
-        return np.asarray(image)
+            mask |= mask_from_segmentation({"size": [height, width], "counts": polygon_rle_counts(polygon, height, width)}, height, width)
+        return mask
     counts = segmentation["counts"]
     if isinstance(counts, (str, bytes)):
         counts = rle_string_to_counts(counts)
@@ -873,16 +1073,8 @@ def evaluate(model, dataset, args):
     if not args.is_main:
         return None
     start = time.time()
-    if args.dataset == "voc":  # NOTE: evaluated in VOC's 1-based pixels, as detectron2 (xmin, ymin + 1)
-        by_image = {t["image_id"]: {"boxes": [], "scores": [], "labels": []} for t in truths}
-        for d in detections:
-            x, y, w, h = d["bbox"]
-            by_image[d["image_id"]]["boxes"].append([x + 1, y + 1, x + w, y + h])
-            by_image[d["image_id"]]["scores"].append(d["score"])
-            by_image[d["image_id"]]["labels"].append(d["category_id"])
-        gt = [{"boxes": np.array(t["boxes"]).reshape(-1, 4) + [1, 1, 0, 0], "labels": t["labels"], "difficult": t["difficult"]}
-              for t in truths]
-        metrics = {"bbox": voc_evaluate(gt, [by_image[t["image_id"]] for t in truths], len(VOC_CLASSES))}
+    if args.dataset == "voc":
+        metrics = {"bbox": voc_evaluate(*voc_inputs(truths, detections), len(VOC_CLASSES))}
         metrics["bbox"].pop("per_class")
     else:
         gt = coco_ground_truth(dataset, truths)
@@ -894,6 +1086,22 @@ def evaluate(model, dataset, args):
     with open(os.path.join(args.output_dir, "detections.json"), "w") as f:
         json.dump(detections, f)
     return metrics
+
+
+def voc_inputs(truths, detections):
+    """Ground truth and COCO-format detections -> voc_evaluate's per-image lists, in VOC's 1-based pixels
+    (xmin, ymin + 1). Detections pass through text as in detectron2's PascalVOCDetectionEvaluator, which
+    writes "{score:.3f} {xmin:.1f} {ymin:.1f} {xmax:.1f} {ymax:.1f}" for voc_eval: the rounding can make
+    scores tie and move an IoU across a threshold, so it is part of the number the papers report."""
+    by_image = {t["image_id"]: {"boxes": [], "scores": [], "labels": []} for t in truths}
+    for d in detections:
+        x, y, w, h = d["bbox"]
+        by_image[d["image_id"]]["boxes"].append([float(f"{v:.1f}") for v in (x + 1, y + 1, x + w, y + h)])
+        by_image[d["image_id"]]["scores"].append(float(f"{d['score']:.3f}"))
+        by_image[d["image_id"]]["labels"].append(d["category_id"])
+    gt = [{"boxes": np.array(t["boxes"]).reshape(-1, 4) + [1, 1, 0, 0], "labels": t["labels"], "difficult": t["difficult"]}
+          for t in truths]
+    return gt, [by_image[t["image_id"]] for t in truths]
 
 
 def coco_ground_truth(dataset, truths):
@@ -927,9 +1135,9 @@ def learning_rate(iteration, args):
     return args.lr_actual * factor
 
 
-def train(model, ddp_model, loader, optimizer, start, args, log):
+def train(model, ddp_model, batches, optimizer, start, args, log):
     model.train()
-    batches, begin = iter(loader), time.time()
+    begin = time.time()
     end = begin
     for iteration in range(start, args.iters):
         images, targets = next(batches)
@@ -949,13 +1157,44 @@ def train(model, ddp_model, loader, optimizer, start, args, log):
         loss.backward()
         optimizer.step()
         step_time, end = time.time() - end, time.time()
-        if (iteration + 1) % args.save_freq == 0 or iteration + 1 == args.iters:
+        if (iteration + 1) % args.save_freq == 0 and iteration + 1 < args.iters:  # the final one follows PreciseBN
             save_checkpoint(model, optimizer, iteration + 1, args)
         if iteration % args.print_freq == 0 or iteration + 1 == args.iters:
             done = iteration + 1 - start
             log({"iteration": iteration, "iters": args.iters, "lr": lr, "loss": loss.item(), **{k: v.item() for k, v in losses.items()},
                  "img_per_s": args.batch_size / step_time, "it_per_s": done / (end - begin), "data_time": data_time,
                  "step_time": step_time, "eta_s": (end - begin) / done * (args.iters - iteration - 1)})
+
+
+@torch.no_grad()
+def precise_bn(model, batches, args):
+    """PreciseBN (detectron2's hook; TEST.PRECISE_BN in MoCo's and InsLoc's configs): before evaluation, every
+    BatchNorm's running mean / var = the plain average of its batch statistics over --precise-bn-iters
+    training batches of the final weights, instead of the EMA that lags behind the weights; then averaged
+    over processes (SyncBN already made them equal; on CPU/gloo BN is per process). Weights do not change.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not args.precise_bn_iters or not norms:
+        return
+    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average: after n batches, running = (1/n) sum of the n batch statistics
+    model.train()
+    for _ in range(args.precise_bn_iters):
+        images, targets = next(batches)
+        images = [image.to(args.device, non_blocking=True) for image in images]
+        targets = [{k: v.to(args.device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
+        with torch.autocast(args.device.type, dtype=torch.bfloat16, enabled=args.amp):
+            model(images, targets)  # training-mode forward: same RoI sampling as training, losses unused
+    for m, (momentum, tracked) in zip(norms, saved):
+        m.momentum, m.num_batches_tracked = momentum, tracked
+        if args.world_size > 1:
+            for statistic in (m.running_mean, m.running_var):
+                dist.all_reduce(statistic)
+                statistic /= args.world_size
+    if args.is_main:
+        print(f"precise BN: statistics of {len(norms)} BatchNorm layers recomputed over {args.precise_bn_iters} batches", flush=True)
 
 
 # ---------------------------------------------------------------------------------------
@@ -1011,17 +1250,19 @@ def load_checkpoint(model, optimizer, args):
 
 
 def save_checkpoint(model, optimizer, iteration, args):
-    """checkpoint.pth (to resume) and model_final.pth (weights) on the main process, atomically."""
+    """checkpoint.pth on the main process, atomically: the only file a run keeps (rerun = resume).
+    The final one (iteration == --iters, after PreciseBN) is the trained model: it drops the optimizer's
+    momentum buffers (as large as the model; nothing is left to train), keeping its lr groups."""
     if not args.is_main:
         return
-    state = {"method": "detect", "iteration": iteration, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+    optimizer_state = optimizer.state_dict()
+    if iteration >= args.iters:
+        optimizer_state["state"] = {}  # NOTE: a run extended with a larger --iters restarts momentum from zero
+    state = {"method": "detect", "iteration": iteration, "model": model.state_dict(), "optimizer": optimizer_state,
              "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, type(None)))}}
-    for name, obj in (("checkpoint.pth", state), ("model_final.pth", model.state_dict())):
-        if name == "model_final.pth" and iteration < args.iters:
-            continue
-        path = os.path.join(args.output_dir, name)
-        torch.save(obj, path + ".tmp")
-        os.replace(path + ".tmp", path)
+    path = os.path.join(args.output_dir, "checkpoint.pth")
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
 
 
 # ---------------------------------------------------------------------------------------
@@ -1031,12 +1272,13 @@ def save_checkpoint(model, optimizer, iteration, args):
 
 def main(args):
     setup_distributed(args)
+    source = pretrained_state_dict(args.pretrained) if args.pretrained != "none" else None  # a bad file fails before data loads
     os.makedirs(args.output_dir, exist_ok=True)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     train_set, test_set = open_dataset(args, train=True), open_dataset(args, train=False)
     model = build_model(args, train_set.num_classes)
-    load_pretrained(model, args)
+    load_pretrained(model, args, source)
     model.to(args.device)
     if args.world_size > 1 and args.device.type == "cuda":  # NOTE: SyncBN needs CUDA; on CPU (gloo) BN stays per process
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -1047,7 +1289,10 @@ def main(args):
         print(f"world size {args.world_size}, device {args.device}, {args.model} {args.arch}, global batch {args.batch_size}, "
               f"lr {args.lr_actual:.4f} (= {args.lr} x {args.batch_size}/16), {len(train_set)} train / "
               f"{min(len(test_set), args.test_images or len(test_set))} test images, backbone {count(model.backbone):.2f}M, "
-              f"rpn {count(model.rpn):.2f}M, roi heads {count(model.roi_heads):.2f}M params")
+              f"rpn {count(model.rpn):.2f}M, roi heads {count(model.roi_heads):.2f}M params\n"
+              f"schedule: {args.iters} iterations, lr x0.1 at {args.lr_steps}, warmup {args.warmup} iterations "
+              f"({args.dataset} default {SCHEDULES[args.dataset]['warmup']}, scaled with --iters), "
+              f"precise BN {args.precise_bn_iters} batches")
     ddp_model = model
     if args.world_size > 1:
         ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[args.device] if args.device.type == "cuda" else None)
@@ -1057,7 +1302,10 @@ def main(args):
                                          args.world_size, args.seed, start)
         loader = torch.utils.data.DataLoader(DetectionTransform(train_set, True), batch_sampler=sampler, num_workers=args.workers,
                                              collate_fn=collate, pin_memory=args.device.type == "cuda")
-        train(model, ddp_model, loader, optimizer, start, args, make_logger(args))
+        batches = iter(loader)  # endless: PreciseBN continues with the batches after training's
+        train(model, ddp_model, batches, optimizer, start, args, make_logger(args))
+        precise_bn(model, batches, args)
+        save_checkpoint(model, optimizer, args.iters, args)
     metrics = evaluate(model, test_set, args)
     if args.is_main:
         protocol = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, type(None))) and k != "is_main"}

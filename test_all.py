@@ -1402,7 +1402,8 @@ def test_detect_coco_json_end_to_end_matches_pycocotools(tmp_path, capsys):
         stats, _, _ = _detect_pycocotools(gt, [{k: v for k, v in d.items() if k != dropped} for d in detections], iou_type)
         ours = [metrics[iou_type][name] for name in detect.COCO_STATS]
         np.testing.assert_allclose(ours, np.where(stats >= 0, 100 * stats, -1), atol=1e-4)
-    assert os.path.exists(out / "model_final.pth")
+    assert not os.path.exists(out / "model_final.pth")  # one file per run: the final checkpoint.pth, without momentum
+    assert torch.load(out / "checkpoint.pth", weights_only=True)["optimizer"]["state"] == {}
 
 
 def test_detect_voc_dataset_reading(tmp_path):
@@ -1591,6 +1592,320 @@ def test_analysis_tools_refuse_non_backbones_in_one_line(tmp_path):
                                 cwd=HERE, capture_output=True, text=True, timeout=300)
         assert result.returncode != 0 and "Traceback" not in result.stderr
         assert result.stderr.strip().count("\n") == 0 and result.stderr.startswith(f"error: {flag} {tmp_path / name}:")
+# --- detection transfer exactness (issue 18) ---
+
+def _detect_random_polygons(rng, n):
+    """n COCO polygon objects (lists of parts) with image sizes: random, sliver, collinear / repeated
+    corners, outside the image, multi-part, tiny, huge, integer / half / arbitrary coordinates."""
+    cases = []
+    for i in range(n):
+        kind, (h, w) = i % 9, rng.integers(1, 70, 2).tolist()
+        parts = []
+        for _ in range(int(rng.integers(2, 4)) if kind == 4 else 1):
+            k = int(rng.integers(3, 10))
+            if kind == 0:  # anywhere, partly outside
+                p = rng.uniform(-15, max(h, w) + 15, 2 * k)
+            elif kind == 1:  # integers, halves, quarters
+                p = rng.integers(-4, max(h, w) + 4, 2 * k) / rng.choice([1, 2, 4])
+            elif kind == 2:  # thin sliver
+                x, y = rng.uniform(0, w), rng.uniform(0, h)
+                p = np.array([x, y, x + rng.uniform(-30, 30), y + rng.uniform(-0.3, 0.3), x + rng.uniform(-0.3, 0.3), y + rng.uniform(-30, 30)])
+            elif kind == 3:  # collinear points, repeated corners
+                x, y, dx, dy = *rng.uniform(0, 40, 2), *rng.uniform(-5, 5, 2)
+                t = np.sort(rng.integers(0, 6, k))
+                p = np.concatenate([np.stack([x + dx * t, y + dy * t], 1).ravel(), [x, y, x, y]])
+            elif kind == 5:  # tiny: everything within a pixel or two
+                p = np.tile(rng.uniform(-1, max(h, w) + 1, 2), k) + rng.uniform(-0.7, 0.7, 2 * k)
+            elif kind == 6:  # huge, mostly outside a large image
+                h, w = rng.integers(300, 700, 2).tolist()
+                p = rng.uniform(-600, 1300, 2 * k)
+            elif kind == 7:  # a star with many vertices
+                a = np.sort(rng.uniform(0, 2 * np.pi, 3 * k))
+                r = rng.uniform(1, max(h, w) / 2) * rng.uniform(0.3, 1, 3 * k)
+                p = np.stack([w / 2 + r * np.cos(a), h / 2 + r * np.sin(a)], 1).ravel()
+            else:  # decimals on the 0.1 grid, where the x5 upsampling rounds on .5
+                p = rng.integers(-5, 10 * max(h, w), 2 * k) / 10
+            parts.append(p.tolist())
+        cases.append((parts, h, w))
+    return cases
+
+
+def test_detect_polygon_rle_is_pycocotools_byte_for_byte():
+    from pycocotools import mask as mask_utils
+    import time
+    cases = _detect_random_polygons(np.random.default_rng(18), 720)
+    start = time.time()
+    ours = [detect.rle_encode(detect.mask_from_segmentation(parts, h, w))["counts"] for parts, h, w in cases]
+    single = [detect.rle_counts_to_string(detect.polygon_rle_counts(parts[0], h, w)) for parts, h, w in cases]
+    elapsed = time.time() - start
+    for n, (parts, h, w) in enumerate(cases):
+        rles = mask_utils.frPyObjects(parts, h, w)
+        assert ours[n] == mask_utils.merge(rles)["counts"].decode(), (n, parts, h, w)  # COCO.annToRLE
+        assert single[n] == rles[0]["counts"].decode(), (n, parts[0], h, w)  # rleFrPoly itself, before the merge
+    assert elapsed < 10  # about a second on one core
+    # an odd trailing value is dropped, as frPoly's len(p) / 2
+    for parts in ([[1, 1, 9, 2, 4, 8, 7]], [[1, 1, 9, 2, 4, 8, 7], [0, 0, 3, 0, 3.5, 5.5, 1]]):
+        assert detect.rle_encode(detect.mask_from_segmentation(parts, 12, 11))["counts"] == \
+            mask_utils.merge(mask_utils.frPyObjects(parts, 12, 11))["counts"].decode()
+
+
+def _detect_polygon_case(seed):
+    """A COCO problem whose ground truth is polygons; detections are RLE masks (bbox: boxes) near them."""
+    from pycocotools import mask as mask_utils
+    rng = np.random.default_rng(1000 + seed)
+    height, width = int(rng.integers(20, 60)), int(rng.integers(20, 60))
+    images = [{"id": i + 1, "height": height, "width": width} for i in range(int(rng.integers(1, 4)))]
+    categories = [{"id": c + 1, "name": str(c)} for c in range(3)]
+    annotations, segm, bbox = [], [], []
+    for image in images:
+        for parts, _, _ in _detect_random_polygons(rng, int(rng.integers(0, 5))):  # in or partly out of the image
+            rle = mask_utils.merge(mask_utils.frPyObjects(parts, height, width))
+            box = mask_utils.toBbox(rle).tolist()
+            annotations.append({"id": len(annotations) + 1, "image_id": image["id"], "category_id": int(rng.integers(1, 3)),
+                                "segmentation": parts, "area": float(mask_utils.area(rle)), "bbox": box,
+                                "iscrowd": int(rng.random() < 0.15)})
+            truth = mask_utils.decode(rle)  # pycocotools' own mask: perfect detections score exactly 100
+            for noise in ([0.0] if seed % 5 == 0 else [0.0, 0.1, 0.3])[: int(rng.integers(1, 4))]:
+                score = float(rng.choice([0.5, 0.7]) if seed % 3 == 0 else rng.random())
+                mask = truth ^ (rng.random(truth.shape) < noise)
+                segm.append({"image_id": image["id"], "category_id": annotations[-1]["category_id"], "score": score,
+                             "segmentation": detect.rle_encode(mask)})
+                bbox.append({"image_id": image["id"], "category_id": annotations[-1]["category_id"], "score": score,
+                             "bbox": [v + rng.normal(0, 2 * noise) for v in box]})
+    return {"images": images, "annotations": annotations, "categories": categories}, segm, bbox
+
+
+def test_detect_coco_matches_pycocotools_on_polygon_ground_truth():
+    from pycocotools import mask as mask_utils
+    for seed in range(40):
+        gt, segm, bbox = _detect_polygon_case(seed)
+        if not segm:
+            continue
+        for iou_type, results in (("segm", segm), ("bbox", bbox)):
+            stats, precision, _ = _detect_pycocotools(gt, results, iou_type)
+            ours = detect.coco_evaluate(gt, results, iou_type)
+            np.testing.assert_allclose(ours["stats"], stats, atol=1e-6, err_msg=f"{iou_type} seed {seed}")
+            np.testing.assert_allclose(ours["precision"], precision, atol=1e-6, err_msg=f"{iou_type} seed {seed}")
+    # pycocotools' own masks of polygon objects as detections score AP 100 (84.6 with the PIL rasteriser before)
+    gt = {"images": [{"id": 1, "height": 60, "width": 50}], "categories": [{"id": 1, "name": "a"}], "annotations": []}
+    for parts, _, _ in _detect_random_polygons(np.random.default_rng(5), 60):
+        rle = mask_utils.merge(mask_utils.frPyObjects(parts, 60, 50))
+        if mask_utils.area(rle) > 0:
+            gt["annotations"].append({"id": len(gt["annotations"]) + 1, "image_id": 1, "category_id": 1, "segmentation": parts,
+                                      "area": float(mask_utils.area(rle)), "bbox": mask_utils.toBbox(rle).tolist(), "iscrowd": 0})
+    perfect = [{"image_id": 1, "category_id": 1, "score": 0.5, "segmentation": mask_utils.merge(mask_utils.frPyObjects(a["segmentation"], 60, 50))}
+               for a in gt["annotations"]]
+    assert len(perfect) > 20 and detect.coco_evaluate(gt, perfect, "segm")["stats"][:3] == pytest.approx([1.0, 1.0, 1.0])
+
+
+def test_detect_training_masks_use_the_same_rasteriser(tmp_path):
+    from pycocotools import mask as mask_utils
+    Image.new("RGB", (40, 30)).save(tmp_path / "a.jpg")
+    polygon = [[3.3, 2.5, 30.7, 4.1, 25.2, 26.9, 4.6, 20.0]]
+    (tmp_path / "instances_train.json").write_text(json.dumps({
+        "images": [{"id": 7, "file_name": "a.jpg", "height": 30, "width": 40}], "categories": [{"id": 3, "name": "x"}],
+        "annotations": [{"id": 1, "image_id": 7, "category_id": 3, "bbox": [3.3, 2.5, 27.4, 24.4], "area": 500.0,
+                         "iscrowd": 0, "segmentation": polygon}]}))
+    (tmp_path / "train").mkdir()
+    os.replace(tmp_path / "a.jpg", tmp_path / "train" / "a.jpg")
+    _, target = detect.COCODetection(str(tmp_path), "train", train=True)[0]
+    np.testing.assert_array_equal(target["masks"][0].numpy(), mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(polygon, 30, 40))))
+
+
+def test_detect_voc_rounding_decides_hand_worked():
+    truths = [{"image_id": 0, "boxes": [[0, 0, 10, 10]], "labels": [1], "difficult": [False]},
+              {"image_id": 1, "boxes": [[40, 40, 50, 50]], "labels": [1], "difficult": [False]}]
+    # VOC boxes (x + 1, y + 1, x + w, y + h): gt A = [1, 1, 10, 10] (10 x 10 = 100 VOC pixels).
+    # A detection [1, 1, 10, 19.96] has IoU 100 / 199.6 = 0.501 > 0.5, a hit; detectron2 writes ymax as "20.0",
+    # so voc_eval sees 100 / 200 = 0.5, which is not > 0.5: a miss. Rounded, AP50 of A's image alone = 0.
+    sliver = {"image_id": 0, "category_id": 1, "bbox": [0.0, 0.0, 10.0, 19.96], "score": 0.9}
+    gt, det = detect.voc_inputs(truths[:1], [sliver])
+    assert det[0]["boxes"] == [[1.0, 1.0, 10.0, 20.0]]
+    assert detect.voc_evaluate(gt, det, 1)["AP50"] == 0.0
+    unrounded = [{"boxes": [[1.0, 1.0, 10.0, 19.96]], "scores": [0.9], "labels": [1]}]
+    assert detect.voc_evaluate(gt, unrounded, 1)["AP50"] == pytest.approx(100.0)
+    # Scores 0.9004 (a miss, image 1) and 0.9001 (a hit on A, image 0) both print as "0.900": tied, the
+    # stable order puts image 0 first. Hits then go TP, FP, TP (B found at 0.5): precision [1, 1/2, 2/3],
+    # recall [.5, .5, 1] -> 11-point AP50 = (6 * 1 + 5 * 2/3) / 11 = 28/33. Unrounded, the miss comes
+    # first: precision [0, 1/2, 2/3], recall [0, .5, 1] -> the best precision at every recall point is 2/3.
+    detections = [{"image_id": 1, "category_id": 1, "bbox": [20.0, 20.0, 5.0, 5.0], "score": 0.9004},
+                  {"image_id": 0, "category_id": 1, "bbox": [0.0, 0.0, 10.0, 10.0], "score": 0.9001},
+                  {"image_id": 1, "category_id": 1, "bbox": [40.0, 40.0, 10.0, 10.0], "score": 0.5}]
+    gt, det = detect.voc_inputs(truths, detections)
+    assert det[1]["scores"] == [0.9, 0.5] and det[0]["scores"] == [0.9]
+    assert detect.voc_evaluate(gt, det, 1)["AP50"] == pytest.approx(100 * 28 / 33, abs=1e-12)
+    raw = [{"boxes": [[1.0, 1.0, 10.0, 10.0]], "scores": [0.9001], "labels": [1]},
+           {"boxes": [[21.0, 21.0, 25.0, 25.0], [41.0, 41.0, 50.0, 50.0]], "scores": [0.9004, 0.5], "labels": [1, 1]}]
+    assert detect.voc_evaluate(gt, raw, 1)["AP50"] == pytest.approx(100 * 2 / 3, abs=1e-12)
+
+
+def test_detect_per_dataset_schedule_defaults(tmp_path, capsys):
+    get = lambda *flags: detect.get_args(list(flags))
+    root = str(tmp_path)
+    assert get("--dataset", "voc", "--data-root", root).warmup == 100
+    assert get("--dataset", "coco", "--data-root", root).warmup == 1000
+    assert get("--dataset", "coco", "--data-root", root, "--schedule", "2x").warmup == 1000  # detectron2 keeps 1000 at 2x
+    assert get("--dataset", "voc", "--data-root", root, "--iters", "12000").warmup == 50  # scaled with --iters
+    assert get("--dataset", "coco", "--data-root", root, "--warmup", "7").warmup == 7
+    assert get("--tiny").warmup == 20 and get("--tiny", "--iters", "50").warmup == 5 and get("--tiny", "--iters", "1").warmup == 0
+    assert get("--tiny").precise_bn_iters == 20 and get("--dataset", "voc", "--data-root", root).precise_bn_iters == 200
+    assert get("--tiny", "--iters", "3").precise_bn_iters == 3
+    # every flag has a help text with exactly one default in it
+    with pytest.raises(SystemExit):
+        get("-h")
+    text = capsys.readouterr().out.split("options:")[1]
+    blocks = ["--" + b for b in text.split("\n  --")[1:]]
+    assert len(blocks) >= 35
+    for b in blocks:
+        assert " ".join(b.split()).lower().count("default") == 1, b
+
+
+def test_detect_flags_are_checked_with_one_line(tmp_path, capsys):
+    for flags in (["--lr", "-0.1"], ["--lr", "0"], ["--batch-size", "0"], ["--iters", "0"], ["--warmup", "-1"], ["--wd", "-1"],
+                  ["--precise-bn-iters", "-2"], ["--workers", "-1"], ["--image-size", "8"], ["--min-size", "0"],
+                  ["--roi-batch-size", "0"], ["--print-freq", "0"], ["--arch", "resnet99"],
+                  ["--model", "faster-c4", "--box-head", "4conv1fc"], ["--dataset", "coco", "--data-root", str(tmp_path / "missing")]):
+        with pytest.raises(SystemExit):
+            detect.get_args(["--tiny", *flags])
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.strip() and not line.startswith(("usage:", " "))]
+        assert len(lines) == 1 and "error:" in lines[0] and "Traceback" not in err, (flags, err)
+
+
+def test_detect_fpn_pooler_is_roialign_v2(tmp_path):
+    model = detect.build_model(_detect_args(tmp_path, "--model", "mask-fpn"), 8)
+    assert model.rpn._post_nms_top_n["training"] == 1000 and model.rpn._pre_nms_top_n == {"training": 2000, "testing": 1000}
+    pool = model.roi_heads.box_roi_pool
+    torch.manual_seed(0)
+    features = {str(k): torch.randn(1, 4, 64 // 2 ** k, 80 // 2 ** k) for k in range(4)}  # strides 4..32 of a 256 x 320 image
+    sides = [10.0, 50.0, 111.9, 112.0, 223.0, 224.0, 447.0, 448.0, 600.0]  # detectron2 levels: 2 2 2 3 3 4 4 5 5
+    boxes = [torch.tensor([[5.0, 7.0, 5.0 + s, 7.0 + s] for s in sides])]  # exact in float32: levels on their borders
+    out = pool(features, boxes, [(256, 320)])
+    for i, level in enumerate([2, 2, 2, 3, 3, 4, 4, 5, 5]):
+        expected = torchvision.ops.roi_align(features[str(level - 2)], [boxes[0][i:i + 1]], 7, 1 / 2 ** level, sampling_ratio=0, aligned=True)
+        torch.testing.assert_close(out[i:i + 1], expected)
+    old = torchvision.ops.MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2)(features, boxes, [(256, 320)])
+    assert (old - out).abs().max() > 1e-3  # torchvision's pooler (aligned=False, 2 samples) differs
+    assert model.roi_heads.mask_roi_pool.output_size == 14 and isinstance(model.roi_heads.mask_roi_pool, detect.AlignedRoIAlign)
+    predictor = model.roi_heads.box_predictor  # detectron2's FastRCNNOutputLayers initialisation
+    assert 0.008 < predictor.cls_score.weight.std() < 0.012 and 0.0008 < predictor.bbox_pred.weight.std() < 0.0012
+    assert not predictor.cls_score.bias.any() and 0.0008 < model.roi_heads.mask_predictor.mask_fcn_logits.weight.std() < 0.0012
+
+
+def test_detect_insloc_head_has_extra_norm_and_mask_bn(tmp_path):
+    model = detect.build_model(_detect_args(tmp_path, "--model", "mask-fpn", "--box-head", "4conv1fc"), 8)
+    head = model.roi_heads.box_head
+    assert isinstance(head[7], nn.BatchNorm1d) and isinstance(head[6], nn.ReLU) and isinstance(head[5], nn.Linear)
+    x = torch.randn(6, 256, 7, 7)
+    head.train()
+    fc1 = torch.relu(head[5](head[4](head[3](head[2](head[1](head[0](x)))))))
+    torch.testing.assert_close(head(x), nn.functional.batch_norm(fc1, None, None, head[7].weight, head[7].bias, training=True))
+    mask_norms = [m for m in model.roi_heads.mask_head.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(mask_norms) == 4
+    plain = detect.build_model(_detect_args(tmp_path, "--model", "mask-fpn"), 8)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in plain.roi_heads.mask_head.modules())
+
+
+def test_detect_precise_bn_changes_only_bn_statistics(tmp_path):
+    args = _detect_args(tmp_path, "--train-images", "8", "--precise-bn-iters", "3", "--image-size", "64")
+    args.world_size, args.rank, args.device, args.amp = 1, 0, torch.device("cpu"), False
+    dataset = detect.SyntheticDetection(8, 64, "train")
+    model = detect.build_model(args, dataset.num_classes)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    loader = torch.utils.data.DataLoader(detect.DetectionTransform(dataset, True), batch_size=2, collate_fn=detect.collate)
+    norm = model.backbone.body.layer1[0].bn1
+    seen = []
+    hook = norm.register_forward_hook(lambda m, inputs, output: seen.append(inputs[0].mean((0, 2, 3))))
+    detect.precise_bn(model, iter(loader), args)
+    hook.remove()
+    after = model.state_dict()
+    for name, _ in model.named_parameters():
+        assert torch.equal(after[name], before[name]), name  # no weight changes
+    statistics = [k for k in after if k.endswith(("running_mean", "running_var"))]
+    assert statistics and all(not torch.equal(after[k], before[k]) for k in statistics)
+    assert all(torch.equal(after[k], before[k]) for k in after if k.endswith("num_batches_tracked"))
+    torch.testing.assert_close(norm.running_mean, torch.stack(seen).mean(0))  # the plain mean of the 3 batch means
+    args.precise_bn_iters = 0
+    detect.precise_bn(model, iter(loader), args)
+    assert all(torch.equal(model.state_dict()[k], after[k]) for k in after)
+
+
+def test_detect_coco_training_keeps_small_boxes_as_detectron2(tmp_path):
+    (tmp_path / "train").mkdir()
+    Image.new("RGB", (40, 30)).save(tmp_path / "train" / "a.jpg")
+    boxes = [[5, 5, 0.5, 10], [5, 5, 10, 1.0], [5, 5, 0, 10], [45, 5, 10, 10], [35, 20, 20, 20], [1, 1, 5, 5]]
+    (tmp_path / "instances_train.json").write_text(json.dumps({
+        "images": [{"id": 1, "file_name": "a.jpg", "height": 30, "width": 40}], "categories": [{"id": 1, "name": "x"}],
+        "annotations": [{"id": i + 1, "image_id": 1, "category_id": 1, "bbox": b, "area": 1.0, "iscrowd": int(i == 5)}
+                        for i, b in enumerate(boxes)]}))
+    dataset = detect.COCODetection(str(tmp_path), "train", train=True)
+    image, target = dataset[0]
+    # w 0.5 and h 1.0 are kept; w 0, a box outside the image and the crowd are dropped; boxes are clipped
+    assert target["boxes"].tolist() == [[5.0, 5.0, 5.5, 15.0], [5.0, 5.0, 15.0, 6.0], [35.0, 20.0, 40.0, 30.0]]
+    model = detect.build_model(_detect_args(tmp_path, "--model", "faster-fpn"), 1)
+    image = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)
+    losses = model([image], [target])  # torchvision accepts every kept box (it refuses w or h <= 0)
+    assert all(torch.isfinite(v) for v in losses.values())
+
+
+def _detect_cli_errors(runs):
+    """Each flag list run through get_args + main in ONE subprocess (a torch import per case would take
+    seconds): the message a SystemExit prints, or everything else the process printed (a traceback)."""
+    script = ("import json, sys, detect_finetune as d\n"
+              "for flags in json.loads(sys.argv[1]):\n"
+              "    try:\n"
+              "        d.main(d.get_args(['--tiny', '--workers', '0'] + flags))\n"
+              "    except SystemExit as error:\n"
+              "        print(error, file=sys.stderr)\n"
+              "    print('@@', file=sys.stderr, flush=True)\n")
+    result = subprocess.run([sys.executable, "-c", script, json.dumps(runs)], cwd=os.path.dirname(os.path.abspath(__file__)),
+                            capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert "Traceback" not in result.stderr and "weights_only=False" not in result.stdout + result.stderr, result.stderr
+    return [[line for line in part.splitlines() if line.strip()] for part in result.stderr.split("@@\n")[:-1]]
+
+
+def test_detect_bad_weight_files_give_one_line(tmp_path):
+    torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "good.pth")
+    data = (tmp_path / "good.pth").read_bytes()
+    (tmp_path / "truncated.pth").write_bytes(data[: len(data) // 2])
+    (tmp_path / "empty.pth").write_bytes(b"")
+    (tmp_path / "folder.pth").mkdir()
+    torch.save(torch.zeros(3), tmp_path / "tensor.pth")
+    (tmp_path / "random.pth").write_bytes(bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8)))
+    torch.save({"conv1.weight": torch.zeros(1), "payload": _DetectEvil()}, tmp_path / "evil.pth")
+    (tmp_path / "pickle.pth").write_bytes(pickle.dumps({"payload": _DetectEvil()}))
+    expected = {"truncated.pth": "is a truncated or damaged torch file", "empty.pth": "is an empty file",
+                "folder.pth": "is a directory", "tensor.pth": "holds a single tensor", "random.pth": "is not a torch file",
+                "evil.pth": "refused (weights_only=True): it contains Python objects (posix.system)",
+                "pickle.pth": "is a plain Python pickle", "missing.pth": ": no such file"}
+    marker = tmp_path / "pwned"
+    outputs = _detect_cli_errors([["--pretrained", str(tmp_path / name), "--output-dir", str(tmp_path / "run")] for name in expected])
+    for (name, message), lines in zip(expected.items(), outputs):
+        assert len(lines) == 1 and lines[0].startswith(f"error: --pretrained {tmp_path / name}") and message in lines[0], (name, lines)
+    assert len(outputs) == len(expected)
+    assert not marker.exists() and not (tmp_path / "run").exists()  # nothing ran, nothing was created
+
+
+def test_detect_wrong_resnet_depth_is_named(tmp_path, capsys):
+    # resnet101 weights into a resnet50 detector: layer3.6..22 are extra (shapes only: meta tensors)
+    with torch.device("meta"):
+        r101 = {k: v for k, v in torchvision.models.resnet101().state_dict().items() if not k.startswith("fc.")}
+    args = _detect_args(tmp_path, "--arch", "resnet50", "--pretrained", "r101.pth")
+    with pytest.raises(SystemExit, match=r"ResNet keys that a resnet50 lacks \(e\.g\. layer3\.6\..*it looks like a resnet101 backbone"):
+        detect.load_pretrained(detect.build_model(args, 8), args, r101)
+    printed = capsys.readouterr().out
+    assert len(printed) < 400 and "not loaded: 306 (layer3.6." in printed  # a summary; the full list is in log.jsonl
+    record = json.loads(open(tmp_path / "run" / "log.jsonl").readline())
+    assert len(record["unexpected"]) == 306 and record["missing"] == []
+    # as a user meets it: a file shaped like resnet34 (3, 4, 6, 3 basic blocks) given to --arch resnet18
+    state = _detect_trunk_state(4)
+    for layer, blocks in ((1, 3), (2, 4), (3, 6), (4, 3)):
+        for block in range(2, blocks):
+            state[f"layer{layer}.{block}.conv1.weight"] = torch.zeros(1)
+    torch.save(state, tmp_path / "r34.pth")
+    lines, = _detect_cli_errors([["--pretrained", str(tmp_path / "r34.pth"), "--train-images", "4", "--output-dir", str(tmp_path / "run34")]])
+    assert lines == [f"error: --pretrained {tmp_path / 'r34.pth'} has 8 ResNet keys that a resnet18 lacks "
+                     "(e.g. layer1.2.conv1.weight); it looks like a resnet34 backbone: pass --arch resnet34"]
 
 
 if __name__ == "__main__":
