@@ -41,10 +41,11 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision.transforms as T
+import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageDraw, ImageFilter
 
-from common import (IMAGENET_MEAN, IMAGENET_STD, ImageFolderSource, MomentumQueue, ResNetTrunk, ToyWorld,
-                    ema_update, open_source, shuffled_key_forward, to_rgb)
+from common import (IMAGENET_MEAN, IMAGENET_STD, ImageFolderSource, MomentumQueue, ResNetTrunk, ToyWorld, bench_loader,
+                    draw_colour, ema_update, open_source, photometric, shuffled_key_forward, to_rgb)
 
 # ---------------------------------------------------------------------------------------
 # Arguments
@@ -84,6 +85,7 @@ def get_args(argv=None):
     parser.add_argument("--steps", type=int, default=0, help="cap on iterations per epoch (0 = full epoch)")
     parser.add_argument("--tiny", action="store_true", help=f"CPU-sized recipe: {TINY_IMAGES} toy images, " + " ".join(f"{k}={v}" for k, v in TINY.items()))
     parser.add_argument("--preview", type=int, default=0, help="write output-dir/preview.png with N samples, then exit")
+    parser.add_argument("--bench-loader", type=int, default=0, metavar="N", help="time N loader items on one CPU thread, then exit")
     # DiLo ("Copy-and-paste for Background Augmentation", Table 2)
     parser.add_argument("--paste-prob", type=float, default=0.3, help="p, probability of copy-paste per view (0 = MoCo v2)")
     parser.add_argument("--background", default="gray", help="gray | dataset | folder:PATH")
@@ -104,43 +106,27 @@ def get_args(argv=None):
 # ---------------------------------------------------------------------------------------
 
 
-class RandomGaussianBlur:
-    """MoCo v2's blur: PIL Gaussian blur with sigma ~ U(0.1, 2.0)."""
-
-    def __call__(self, image):
-        return image.filter(ImageFilter.GaussianBlur(radius=float(torch.empty(()).uniform_(0.1, 2.0))))
-
-
-def moco_v2_augmentation(size):
-    return T.Compose([
-        T.RandomResizedCrop(size, scale=(0.2, 1.0)),
-        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-        T.RandomGrayscale(p=0.2),
-        T.RandomApply([RandomGaussianBlur()], p=0.5),
-        T.RandomHorizontalFlip(),
-        T.ToTensor(),
-        T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+def moco_v2_view(image, size):
+    """MoCo v2's geometry, RandomResizedCrop(size, scale (0.2, 1)) then a flip with p 0.5, of a
+    (3, H, W) uint8 tensor. Its colour part runs batched on the training device (common.photometric)."""
+    top, left, height, width = T.RandomResizedCrop.get_params(image, (0.2, 1.0), (3 / 4, 4 / 3))
+    view = TF.resized_crop(image, top, left, height, width, [size, size], antialias=True)
+    return TF.hflip(view) if torch.rand(()) < 0.5 else view
 
 
 def copy_paste(image, mask, background, soft):
-    """Foreground of `image` (where `mask` is on) over `background`; all the same size.
-
-    soft=False: hard paste with the mask binarised at 128. soft=True: Gaussian blending,
-    the mask blurred (sigma 5 px at original resolution) and used as alpha.
-    """
-    if soft:
-        alpha = mask.filter(ImageFilter.GaussianBlur(radius=5))
-    else:
-        alpha = mask.point(lambda v: 255 if v >= 128 else 0)
+    """`image` over `background` (all the same size) with alpha = mask / 255: the released loader
+    blends with the raw saliency values. soft=True: Gaussian blending, alpha blurred first (sigma 5 px)."""
+    alpha = mask.filter(ImageFilter.GaussianBlur(radius=5)) if soft else mask
     return Image.composite(image, background, alpha)
 
 
 class CopyPasteTwoViews(torch.utils.data.Dataset):
-    """Item -> (view_q, view_k, pasted (2,) bool, has_mask): two MoCo v2 views, each pasted with p."""
+    """Item -> (view_q, view_k (3, S, S) uint8, pasted (2,) bool, has_mask, colour (2, 12)): two MoCo v2
+    views, each pasted with p, and their photometric parameters (common.draw_colour)."""
 
     def __init__(self, source, args):
         self.source, self.args = source, args
-        self.augment = moco_v2_augmentation(args.image_size)
         self.backgrounds = None
         if args.background.startswith("folder:"):
             self.backgrounds = ImageFolderSource(args.background[len("folder:"):])
@@ -200,12 +186,13 @@ class CopyPasteTwoViews(torch.utils.data.Dataset):
         image, target = self.source[index]
         mask = self.load_mask(target, image.size) if self.args.paste_prob > 0 else None
         pasted = [self.paste_or_not(image, mask) for _ in range(2)]  # independent per view
-        views = [self.augment(p) for p, _ in pasted]
+        pixels = TF.pil_to_tensor(image)  # (3, H, W) uint8; a pasted view converts its own composite
+        views = [moco_v2_view(TF.pil_to_tensor(p) if was else pixels, self.args.image_size) for p, was in pasted]
         return image, mask, pasted, views
 
     def __getitem__(self, index):
         _, mask, pasted, views = self.sample(index)
-        return views[0], views[1], torch.tensor([p for _, p in pasted]), mask is not None
+        return views[0], views[1], torch.tensor([p for _, p in pasted]), mask is not None, draw_colour(2)
 
 
 # ---------------------------------------------------------------------------------------
@@ -407,7 +394,10 @@ class DiLo(nn.Module):
         self.encoder_k = copy.deepcopy(self.encoder_q).requires_grad_(False)
         self.queue = MomentumQueue(args.queue_size)
 
-    def forward(self, im_q, im_k, pasted, has_mask):
+    def forward(self, im_q, im_k, pasted, has_mask, colour=None):
+        """colour (N, 2, 12): MoCo v2's colour part for the uint8 views; None: float inputs, ready."""
+        if colour is not None:
+            im_q, im_k = photometric(im_q, colour[:, 0]), photometric(im_k, colour[:, 1])
         q = self.encoder_q(im_q)  # (N, 128)
         ema_update(self.encoder_k, self.encoder_q, self.args.ema)
         k = shuffled_key_forward(self.encoder_k, (im_k,), self.args.bn_batch)  # (N, 128)
@@ -571,6 +561,7 @@ def write_preview(dataset, args, cell=128):
         image, mask, pasted, views = dataset.sample(row)
         mask = mask.convert("RGB") if mask is not None else Image.new("RGB", image.size, "red")
         cells = [image, mask] + [p for p, _ in pasted]
+        views = photometric(torch.stack(views), draw_colour(2))  # as the training step colours them
         cells = [c.resize((cell, cell)) for c in cells] + [to_picture(v, cell) for v in views]
         for c, picture in enumerate(cells):
             sheet.paste(picture, (c * cell, 16 + row * cell))
@@ -614,12 +605,12 @@ def view_retrieval(trunks, held_out, batches, args, device):
     """Top-1 of instance retrieval with no queue and no momentum encoder, per trunk: two seeded
     MoCo v2 views of the held-out images in `batches`; how often is view 1's nearest view 2 its own?"""
     seed_everything(args.seed)
-    augment = moco_v2_augmentation(args.image_size)
     views = []  # 2 x (trunks, G, C): every trunk embeds the same two views
     for _ in range(2):
         chunks = []  # 64 images at a time
         for b in batches:
-            x = torch.stack([augment(held_out[i][0]) for i in b]).to(device)
+            x = torch.stack([moco_v2_view(TF.pil_to_tensor(held_out[i][0]), args.image_size) for i in b])
+            x = photometric(x.to(device), draw_colour(len(x)))
             chunks.append(torch.stack([embed(trunk, x) for trunk in trunks]))  # (trunks, 64, C)
         views.append(torch.cat(chunks, dim=1))
     own = (views[0] @ views[1].transpose(1, 2)).argmax(2).cpu() == torch.arange(views[0].shape[1])  # (trunks, G)
@@ -692,6 +683,8 @@ def main(args):
     dataset = CopyPasteTwoViews(source, args)
     if args.preview:
         return write_preview(dataset, args) if args.is_main else None
+    if args.bench_loader:
+        return bench_loader(dataset, args.bench_loader)
     seed_everything(args.seed)
     model = DiLo(args).to(args.device)
     if args.device.type == "cuda":
