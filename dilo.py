@@ -140,18 +140,20 @@ class CopyPasteTwoViews(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.source)
 
+    def mask_path(self, target):  # --saliency DIR
+        return os.path.join(self.args.saliency, os.path.splitext(target["path"])[0] + ".png")
+
     def load_mask(self, target, size):
         """The image's saliency mask as PIL 'L' of `size`, or None if it has none."""
         if self.args.saliency in ("gt", "rbd"):
             mask = target["mask"]
         else:
-            path = os.path.join(self.args.saliency, os.path.splitext(target["path"])[0] + ".png")
-            if not os.path.exists(path):
+            if not os.path.exists(self.mask_path(target)):
                 return None
-            mask = Image.open(path).convert("L")
+            mask = Image.open(self.mask_path(target)).convert("L")
         if mask.size != size:  # masks precomputed at another resolution
             mask = mask.resize(size, Image.BILINEAR)
-        return mask if mask.point(lambda v: 255 if v >= 128 else 0).getbbox() else None
+        return mask if mask.getextrema()[1] >= 128 else None  # empty: no pixel is foreground at 0.5
 
     def background(self, size):
         if self.args.background == "gray":
@@ -176,23 +178,27 @@ class CopyPasteTwoViews(torch.utils.data.Dataset):
             x, y = min(corners.int().tolist(), key=lambda c: saliency[c[1]:c[1] + side, c[0]:c[0] + side].mean())
         return image.crop((x, y, x + side, y + side)).resize(size, Image.BILINEAR)
 
-    def paste_or_not(self, image, mask):
-        if mask is None or float(torch.rand(())) >= self.args.paste_prob:
+    def paste_or_not(self, image, mask, coin):
+        if mask is None or not coin:
             return image, False
         soft = self.args.blend == "gaussian" or (self.args.blend == "mix" and float(torch.rand(())) < 0.5)
         return copy_paste(image, mask, self.background(image.size), soft), True
 
     def sample(self, index):
+        """-> image, mask (None: none, or not decoded as no view pastes), has_mask, [(source, pasted)] * 2, views."""
         image, target = self.source[index]
-        mask = self.load_mask(target, image.size) if self.args.paste_prob > 0 else None
-        pasted = [self.paste_or_not(image, mask) for _ in range(2)]  # independent per view
+        coins = [float(torch.rand(())) < self.args.paste_prob for _ in range(2)]  # p per view, independently
+        lazy = self.args.saliency not in ("gt", "rbd") and not any(coins)  # then a mask file is not decoded
+        mask = None if lazy or self.args.paste_prob == 0 else self.load_mask(target, image.size)
+        has_mask = os.path.exists(self.mask_path(target)) if lazy else mask is not None
+        pasted = [self.paste_or_not(image, mask, coin) for coin in coins]
         pixels = TF.pil_to_tensor(image)  # (3, H, W) uint8; a pasted view converts its own composite
         views = [moco_v2_view(TF.pil_to_tensor(p) if was else pixels, self.args.image_size) for p, was in pasted]
-        return image, mask, pasted, views
+        return image, mask, has_mask, pasted, views
 
     def __getitem__(self, index):
-        _, mask, pasted, views = self.sample(index)
-        return views[0], views[1], torch.tensor([p for _, p in pasted]), mask is not None, draw_colour(2)
+        _, _, has_mask, pasted, views = self.sample(index)
+        return views[0], views[1], torch.tensor([p for _, p in pasted]), has_mask, draw_colour(2)
 
 
 # ---------------------------------------------------------------------------------------
@@ -558,8 +564,8 @@ def write_preview(dataset, args, cell=128):
     for c, name in enumerate(columns):
         draw.text((c * cell + 4, 2), name, fill="black")
     for row in range(args.preview):
-        image, mask, pasted, views = dataset.sample(row)
-        mask = mask.convert("RGB") if mask is not None else Image.new("RGB", image.size, "red")
+        image, mask, has_mask, pasted, views = dataset.sample(row)
+        mask = mask.convert("RGB") if mask is not None else Image.new("RGB", image.size, "red" if not has_mask else "gray")
         cells = [image, mask] + [p for p, _ in pasted]
         views = photometric(torch.stack(views), draw_colour(2))  # as the training step colours them
         cells = [c.resize((cell, cell)) for c in cells] + [to_picture(v, cell) for v in views]

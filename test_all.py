@@ -332,7 +332,7 @@ def test_dilo_saliency_dir_and_folder_data(tmp_path):
     args = dilo.get_args(SMALL + ["--data", str(tmp_path / "data"), "--saliency", str(tmp_path / "sal"),
                                   "--paste-prob", "1", "--blend", "none", "--background", "dataset"])
     dataset = dilo.CopyPasteTwoViews(common.open_source(args.data, 0, 0), args)
-    image, mask, pasted, _ = dataset.sample(3)
+    image, mask, _, pasted, _ = dataset.sample(3)
     assert mask is not None and all(was for _, was in pasted)
     on = np.asarray(mask) >= 128
     assert np.array_equal(np.asarray(pasted[0][0])[on], np.asarray(image)[on])
