@@ -7,8 +7,7 @@
   `shuffled_key_forward` (shuffle BN, MoCo sec. 3.3).
 - The data sources: `ImageFolderSource` (any folder of images, ImageNet `train/` aware)
   and `ToyWorld`, the built-in synthetic dataset, with `write_toy_world` (files + COCO json).
-- MoCo v2's photometric augmentation, batched on the training device: `draw_colour` (in the
-  loader), `photometric` (in each model's forward); `bench_loader` (--bench-loader).
+- MoCo v2's colour augmentation on the device: `draw_colour` (loader), `photometric` (forward); `bench_loader`.
 
 Nothing here carries a paper's claim: changing this file must not change one method's
 recipe without changing all of them.
@@ -385,17 +384,15 @@ def write_toy_world(out_dir, num_images, split="train", image_size=256, seed=0, 
 # MoCo v2's photometric augmentation, batched on the training device; --bench-loader
 # ---------------------------------------------------------------------------------------
 
-# The loaders return uint8 views (decoding and geometry only). Their colour parameters are drawn
-# in the loader with the crops (draw_colour), from the worker random stream that main() reseeds
-# from (--seed, epoch, rank) each epoch: a rerun or resumed run replays them, nothing is saved.
+# Loaders return uint8 views and colour parameters drawn with the crops (draw_colour) from the worker random
+# stream main() reseeds from (--seed, epoch, rank) each epoch: reruns and resumes replay them; nothing is saved.
 BLUR_TAPS = 13  # PIL's GaussianBlur(radius=sigma) has std sigma; 13 taps reach 3 sigma at sigma 2.0
 
 
 def draw_colour(n, generator=None):
     """n views' parameters as RandomApply([ColorJitter(0.4, 0.4, 0.4, 0.1)], 0.8), RandomGrayscale(0.2), RandomApply(
     [blur sigma U(0.1, 2)], 0.5) draw them -> (n, 12): jitter on, 4 factors, op at position 0..3, gray on, blur on, sigma."""
-    u = torch.rand(n, 8, generator=generator)
-    order = torch.rand(n, 4, generator=generator).argsort(1)  # a uniform random permutation per view
+    u, order = torch.rand(n, 8, generator=generator), torch.rand(n, 4, generator=generator).argsort(1)  # order: uniform
     return torch.cat([(u[:, :1] < 0.8).float(), 0.6 + 0.8 * u[:, 1:4], 0.2 * u[:, 4:5] - 0.1, order.float(),
                       (u[:, 5:6] < 0.2).float(), (u[:, 6:7] < 0.5).float(), 0.1 + 1.9 * u[:, 7:8]], dim=1)
 
