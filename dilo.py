@@ -24,7 +24,8 @@ Expected (paper Table 2, their MoCo setting): ImageNet linear 60.6 -> 62.8 with 
 
 NOTE: the paper's ablations use MoCo v1 (tau 0.07, step schedule); we follow the spec's
 MoCo v2 base, as the paper's detection results do.
-NOTE: an image without a mask, or with an empty one, is used unpasted and counted.
+NOTE: an image without a mask, or with an empty one, is used unpasted and counted (a --saliency DIR
+mask is decoded only when a view pastes, so an empty file counts only then).
 """
 import argparse
 import copy
