@@ -9,12 +9,15 @@
 - The data sources: `ImageFolderSource` (any folder of images, ImageNet `train/` aware)
   and `ToyWorld`, the built-in synthetic dataset, with `write_toy_world` (files + COCO json);
   `HeldOut`, the analysis tools' images with boxes (toy world val or a COCO-format folder).
+- MoCo v2's colour augmentation on the device: `draw_colour` (loader), `photometric` (forward); `bench_loader`.
 
 Nothing here carries a paper's claim: changing this file must not change one method's
 recipe without changing all of them.
 """
 import json
+import math
 import os
+import time
 import warnings
 
 import numpy as np
@@ -228,6 +231,8 @@ class ImageFolderSource(torch.utils.data.Dataset):
 
     An unreadable file is warned about once, counted, and replaced by another image; more
     than 1% failures aborts with a clear message. target = {"path": path relative to root}.
+    With `min_side`, JPEGs decode at 1/2, 1/4 or 1/8 scale (PIL draft) while the shorter side stays
+    >= min_side / sqrt(0.2 * 3/4), so MoCo v2's smallest crop keeps min_side pixels a side.
     """
 
     def __init__(self, root, min_side=0):
@@ -236,6 +241,7 @@ class ImageFolderSource(torch.utils.data.Dataset):
         if os.path.isdir(os.path.join(root, "train")):
             root = os.path.join(root, "train")
         self.root, self.min_side = root, min_side
+        self.draft_side = math.ceil(min_side / math.sqrt(0.2 * 3 / 4))
         self.paths = sorted(
             os.path.relpath(os.path.join(folder, name), root)
             for folder, _, names in os.walk(root, followlinks=True) for name in names
@@ -251,6 +257,8 @@ class ImageFolderSource(torch.utils.data.Dataset):
     def load(self, index):
         with open(os.path.join(self.root, self.paths[index]), "rb") as f:
             image = Image.open(f)
+            if self.min_side:
+                image.draft(None, (self.draft_side, self.draft_side))  # a no-op for other formats
             image.load()
         return upscale_to(to_rgb(image), self.min_side)
 
@@ -447,3 +455,74 @@ class HeldOut(torch.utils.data.Dataset):
         w, h = (round(side * self.size / min(image.size)) for side in image.size)
         xy = torch.tensor([w / image.width, h / image.height] * 2)
         return image.resize((w, h), Image.BILINEAR), {"boxes": target["boxes"] * xy, "labels": target["labels"]}
+
+
+# ---------------------------------------------------------------------------------------
+# MoCo v2's photometric augmentation, batched on the training device; --bench-loader
+# ---------------------------------------------------------------------------------------
+
+# Loaders return uint8 views and colour parameters drawn with the crops (draw_colour) from the worker random
+# stream main() reseeds from (--seed, epoch, rank) each epoch: reruns and resumes replay them; nothing is saved.
+BLUR_TAPS = 13  # PIL's GaussianBlur(radius=sigma) has std sigma; 13 taps reach 3 sigma at sigma 2.0
+
+
+def draw_colour(n, generator=None):
+    """n views' parameters as RandomApply([ColorJitter(0.4, 0.4, 0.4, 0.1)], 0.8), RandomGrayscale(0.2), RandomApply(
+    [blur sigma U(0.1, 2)], 0.5) draw them -> (n, 12): jitter on, 4 factors, op at position 0..3, gray on, blur on, sigma."""
+    u, order = torch.rand(n, 8, generator=generator), torch.rand(n, 4, generator=generator).argsort(1)  # order: uniform
+    return torch.cat([(u[:, :1] < 0.8).float(), 0.6 + 0.8 * u[:, 1:4], 0.2 * u[:, 4:5] - 0.1, order.float(),
+                      (u[:, 5:6] < 0.2).float(), (u[:, 6:7] < 0.5).float(), 0.1 + 1.9 * u[:, 7:8]], dim=1)
+
+
+def adjust(x, op, factor):
+    """torchvision v2's adjust_<op> on floats in [0, 1], a factor per sample: x (n, ..., 3, H, W),
+    factor (n,). The images of a sample share factor and contrast mean (DetCo's 9 patches)."""
+    f = factor.view(-1, *[1] * (x.dim() - 1))
+    if op == "hue":  # HSV hue rotation: RGB = V - C clamp(min(k, 4 - k), 0, 1), k = (5, 3, 1) + 6 H mod 6
+        (r, g, b), value = x.split(1, dim=-3), x.amax(-3, keepdim=True)
+        chroma = value - x.amin(-3, keepdim=True)
+        safe = torch.where(chroma > 0, chroma, 1.0)
+        hue = torch.where(value == r, (g - b) / safe, torch.where(value == g, (b - r) / safe + 2, (r - g) / safe + 4))
+        k = (x.new_tensor([5.0, 3.0, 1.0])[:, None, None] + hue + 6 * f) % 6  # hue in sixths of a turn
+        return value - chroma * torch.minimum(k, 4 - k).clamp(0, 1)
+    gray = 0.0 if op == "brightness" else (x * x.new_tensor([0.2989, 0.587, 0.114])[:, None, None]).sum(-3, keepdim=True)
+    toward = gray.mean(dim=tuple(range(1, x.dim())), keepdim=True) if op == "contrast" else gray
+    return (f * x + (1 - f) * toward).clamp(0, 1)  # grayscale = saturation 0
+
+
+def gaussian_blur(x, sigma):
+    """torchvision's gaussian_blur (BLUR_TAPS taps, reflect padding), a sigma per image: x (m, 3, H, W)."""
+    taps = torch.arange(BLUR_TAPS, device=x.device, dtype=x.dtype) - BLUR_TAPS // 2
+    kernel = torch.softmax(-0.5 * (taps / sigma[:, None]) ** 2, dim=1).repeat_interleave(3, 0)  # (3m, 13)
+    y = F.pad(x.reshape(1, -1, *x.shape[-2:]), [BLUR_TAPS // 2] * 4, mode="reflect")  # (1, 3m, H + 12, W + 12)
+    y = F.conv2d(y, kernel[:, None, None, :], groups=len(kernel))  # separable: along rows, then columns
+    return F.conv2d(y, kernel[:, None, :, None], groups=len(kernel)).reshape(x.shape)
+
+
+def photometric(x, colour):
+    """MoCo v2's colour part, then ImageNet normalisation: x (n, ..., 3, H, W) uint8, colour (n, 12)
+    from draw_colour -> float32. Jitter ops in each sample's order, then grayscale, then blur."""
+    with torch.autocast(x.device.type, enabled=False):  # fp32: bf16 would round colours by up to 1/256
+        x, on, order = x.float() / 255, colour.cpu() > 0.5, colour[:, 5:9].cpu()  # flags on the host
+        steps = [(on[:, 0] & (order[:, p] == op), name, colour[:, 1 + op]) for p in range(4)
+                 for op, name in enumerate(("brightness", "contrast", "saturation", "hue"))]
+        for chosen, name, factor in steps + [(on[:, 9], "saturation", torch.zeros_like(colour[:, 0]))]:
+            i = torch.nonzero(chosen)[:, 0].to(x.device)
+            if len(i):
+                x[i] = adjust(x[i], name, factor[i].float())
+        i = torch.nonzero(on[:, 10])[:, 0].to(x.device)
+        if len(i):  # every image of a sample (DetCo: its 9 patches) with the sample's sigma
+            images = x[i]
+            sigma = colour[i, 11].float().repeat_interleave(images[0].numel() // images.shape[-3:].numel())
+            x[i] = gaussian_blur(images.flatten(0, -4), sigma).view(images.shape)  # (m, 3, H, W) inside
+        return (x - x.new_tensor(IMAGENET_MEAN)[:, None, None]) / x.new_tensor(IMAGENET_STD)[:, None, None]
+
+
+def bench_loader(dataset, n):
+    """--bench-loader N: CPU time per item of the loader (decode + geometry), one process, one thread."""
+    torch.set_num_threads(1)
+    dataset[0]  # first-call costs (imports, caches) are not per item
+    start = time.process_time()
+    for index in range(n):
+        dataset[index % len(dataset)]
+    print(f"{type(dataset).__name__}: {n} items, loader {1000 * (time.process_time() - start) / n:.2f} ms/item", flush=True)

@@ -30,9 +30,10 @@ NOTE: heads (the paper gives no widths; the authors' issue #6 asks): per level C
 NOTE: jigsaw sizes scale with --image-size S in one place, `local_sizes`: cell =
   round(85 S / 224), crop = 3 cell (the grid tiles the crop exactly), patch = round(64 S / 224):
   224 -> 255 / 85 / 64 (the paper), 64 (--tiny) -> 72 / 24 / 18.
-NOTE: colour jitter, grayscale and blur are applied once to the whole local crop, after the
-  geometry and before cutting: the 9 patches of a set share one colour draw (PIRL jitters each
-  patch; the spec lists colour before the split).
+NOTE: colour jitter, grayscale and blur are drawn once per local set: the 9 patches of a set share
+  one colour draw (PIRL jitters each patch; the spec lists colour before the split). They run on
+  the training device on the cut patches (common.photometric), so the contrast mean is that of
+  the set's 9 patches, not of the whole local crop, and the blur pads each patch by reflection.
 NOTE: flip is drawn right after the crop (MoCo v2 flips last). Flip commutes with jitter,
   grayscale and the symmetric blur, so views have MoCo v2's distribution; this way a view's
   whole geometry is known before colour, for the jigsaw test and --preview.
@@ -58,10 +59,11 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision.transforms as T
-import torchvision.transforms.functional as TF
-from PIL import Image, ImageDraw, ImageFilter
+import torchvision.transforms.v2.functional as TF
+from PIL import Image, ImageDraw
 
-from common import IMAGENET_MEAN, IMAGENET_STD, MomentumQueue, ResNetTrunk, ema_update, open_source, shuffled_key_forward
+from common import (IMAGENET_MEAN, IMAGENET_STD, MomentumQueue, ResNetTrunk, bench_loader, draw_colour, ema_update,
+                    open_source, photometric, shuffled_key_forward)
 
 # ---------------------------------------------------------------------------------------
 # Arguments
@@ -99,6 +101,7 @@ def get_args(argv=None):
     parser.add_argument("--steps", type=int, default=0, help="cap on iterations per epoch (0 = full epoch)")
     parser.add_argument("--tiny", action="store_true", help=f"CPU-sized recipe: {TINY_IMAGES} toy images, " + " ".join(f"{k}={v}" for k, v in TINY.items()))
     parser.add_argument("--preview", type=int, default=0, help="write output-dir/preview.png with N samples, then exit")
+    parser.add_argument("--bench-loader", type=int, default=0, metavar="N", help="time N loader items on one CPU thread, then exit")
     # DetCo (Sec. 3.2, hierarchical intermediate contrast)
     parser.add_argument("--level-weights", type=float, nargs=4, default=[0.1, 0.4, 0.7, 1.0], metavar="W",
                         help="w_l, loss weight of res2 res3 res4 res5")
@@ -114,13 +117,6 @@ def get_args(argv=None):
 # ---------------------------------------------------------------------------------------
 
 
-class RandomGaussianBlur:  # Same as in dilo.py
-    """MoCo v2's blur: PIL Gaussian blur with sigma ~ U(0.1, 2.0)."""
-
-    def __call__(self, image):
-        return image.filter(ImageFilter.GaussianBlur(radius=float(torch.empty(()).uniform_(0.1, 2.0))))
-
-
 def local_sizes(image_size):
     """(crop, cell, patch) in pixels of the jigsaw for global views of `image_size`; 224 -> (255, 85, 64)."""
     cell = round(85 * image_size / 224)
@@ -130,7 +126,7 @@ def local_sizes(image_size):
 def random_crop_and_flip(image, size, scale):
     """The geometry of a view: RandomResizedCrop to size x size, then a flip with p 0.5.
 
-    Returns (PIL crop, box (x0, y0, x1, y1) of the crop on `image`, flipped).
+    image: (3, H, W) uint8. Returns ((3, size, size) crop, box (x0, y0, x1, y1) of the crop on `image`, flipped).
     """
     i, j, h, w = T.RandomResizedCrop.get_params(image, scale, (3 / 4, 4 / 3))
     crop = TF.resized_crop(image, i, j, h, w, [size, size], antialias=True)
@@ -139,23 +135,19 @@ def random_crop_and_flip(image, size, scale):
 
 
 class GlobalLocalViews(torch.utils.data.Dataset):
-    """Item -> (view_q, view_k (3, S, S), patches_q, patches_k (9, 3, p, p)), all from the original image."""
+    """Item -> (view_q, view_k (3, S, S), patches_q, patches_k (9, 3, p, p), all uint8 from the original
+    image, colour (4, 12)): photometric parameters of view q, view k, patch set q, patch set k."""
 
     def __init__(self, source, args):
         self.source, self.size = source, args.image_size
         self.crop, self.cell, self.patch = local_sizes(args.image_size)
-        self.colour = T.Compose([  # MoCo v2's photometric part, for global views and local crops
-            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-            T.RandomGrayscale(p=0.2),
-            T.RandomApply([RandomGaussianBlur()], p=0.5)])
-        self.to_input = T.Compose([T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
     def __len__(self):
         return len(self.source)
 
     def global_view(self, image):
         crop, box, flipped = random_crop_and_flip(image, self.size, (0.2, 1.0))
-        return {"view": self.to_input(self.colour(crop)), "box": box, "flipped": flipped}
+        return {"view": crop, "box": box, "flipped": flipped}
 
     def jigsaw(self, image):
         """A 3 x 3 jigsaw (paper Sec. 3.3, after PIRL): crop (0.6-1 of the area), grid of cells,
@@ -165,17 +157,18 @@ class GlobalLocalViews(torch.utils.data.Dataset):
         windows = torch.stack(torch.meshgrid(corners, corners, indexing="ij"), -1).reshape(9, 2)  # (9, 2) cell (y, x), row-major
         windows = windows + torch.randint(0, self.cell - self.patch + 1, (9, 2))  # top-left of each cell's window
         perm = torch.randperm(9)
-        x, p = self.to_input(self.colour(crop)), self.patch  # (3, crop, crop)
-        patches = torch.stack([x[:, y0:y0 + p, x0:x0 + p] for y0, x0 in windows[perm].tolist()])  # (9, 3, p, p)
+        p = self.patch
+        patches = torch.stack([crop[:, y0:y0 + p, x0:x0 + p] for y0, x0 in windows[perm].tolist()])  # (9, 3, p, p)
         return {"patches": patches, "crop": crop, "box": box, "flipped": flipped, "windows": windows, "perm": perm}
 
     def sample(self, index):
         image, _ = self.source[index]
-        return image, [self.global_view(image) for _ in range(2)], [self.jigsaw(image) for _ in range(2)]
+        pixels = TF.pil_to_tensor(image)  # (3, H, W) uint8, decoded once for all four crops
+        return image, [self.global_view(pixels) for _ in range(2)], [self.jigsaw(pixels) for _ in range(2)]
 
     def __getitem__(self, index):
         _, views, jigsaws = self.sample(index)
-        return views[0]["view"], views[1]["view"], jigsaws[0]["patches"], jigsaws[1]["patches"]
+        return views[0]["view"], views[1]["view"], jigsaws[0]["patches"], jigsaws[1]["patches"], draw_colour(4)
 
 
 # ---------------------------------------------------------------------------------------
@@ -219,7 +212,12 @@ class DetCo(nn.Module):
         # Queue_g of res2..res5, then Queue_l of res2..res5: the order of the embeddings.
         self.queues = nn.ModuleList(MomentumQueue(args.queue_size) for _ in range(2 * len(LEVELS)))
 
-    def forward(self, im_q, im_k, patches_q, patches_k):
+    def forward(self, im_q, im_k, patches_q, patches_k, colour=None):
+        """colour (N, 4, 12): MoCo v2's colour part for the uint8 inputs, one draw per view and per
+        patch set (its 9 patches share it); None: float inputs, ready."""
+        if colour is not None:
+            im_q, im_k, patches_q, patches_k = (photometric(x, colour[:, i]) for i, x in
+                                                enumerate((im_q, im_k, patches_q, patches_k)))
         q = self.encoder_q(im_q, patches_q)  # 8 x (N, 128)
         ema_update(self.encoder_k, self.encoder_q, self.args.ema)
         # Shuffle BN: an image's global view and its patch set share one permutation.
@@ -403,7 +401,7 @@ def draw_regions(image, views, jigsaws, size):
     for jigsaw, colour in zip(jigsaws, ("yellow", "lime")):
         x0, y0, x1, y1 = jigsaw["box"]
         draw.rectangle((x0 * sx, y0 * sy, x1 * sx, y1 * sy), outline=colour, width=2)
-        side, p = jigsaw["crop"].width, jigsaw["patches"].shape[-1]
+        side, p = jigsaw["crop"].shape[-1], jigsaw["patches"].shape[-1]
         ux, uy = (x1 - x0) / side * sx, (y1 - y0) / side * sy  # picture pixels per crop pixel
         for wy, wx in jigsaw["windows"].tolist():
             wx = side - wx - p if jigsaw["flipped"] else wx
@@ -422,12 +420,13 @@ def write_preview(dataset, args, cell=128):
     tile = (cell - 4) // 3
     for row in range(args.preview):
         image, views, jigsaws = dataset.sample(row)
-        top = 16 + row * cell
+        colour, top = draw_colour(4), 16 + row * cell  # as the training step colours them
         sheet.paste(draw_regions(image, views, jigsaws, cell), (0, top))
         for c, view in enumerate(views):
-            sheet.paste(to_picture(view["view"], cell), ((1 + c) * cell, top))
+            sheet.paste(to_picture(photometric(view["view"][None], colour[c:c + 1])[0], cell), ((1 + c) * cell, top))
         for c, jigsaw in enumerate(jigsaws):
-            for slot, (patch, source_cell) in enumerate(zip(jigsaw["patches"], jigsaw["perm"].tolist())):
+            patches = photometric(jigsaw["patches"][None], colour[2 + c:3 + c])[0]  # (9, 3, p, p)
+            for slot, (patch, source_cell) in enumerate(zip(patches, jigsaw["perm"].tolist())):
                 x, y = (3 + c) * cell + 2 + (slot % 3) * tile, top + 2 + (slot // 3) * tile
                 sheet.paste(to_picture(patch, tile - 2), (x, y))
                 draw.text((x + 2, y + 1), str(source_cell), fill="yellow")  # the cell this slot came from
@@ -448,6 +447,8 @@ def main(args):
     dataset = GlobalLocalViews(source, args)
     if args.preview:
         return write_preview(dataset, args) if args.is_main else None
+    if args.bench_loader:
+        return bench_loader(dataset, args.bench_loader)
     seed_everything(args.seed)
     model = DetCo(args).to(args.device)
     if args.device.type == "cuda":

@@ -24,7 +24,8 @@ Expected (paper Table 2, their MoCo setting): ImageNet linear 60.6 -> 62.8 with 
 
 NOTE: the paper's ablations use MoCo v1 (tau 0.07, step schedule); we follow the spec's
 MoCo v2 base, as the paper's detection results do.
-NOTE: an image without a mask, or with an empty one, is used unpasted and counted.
+NOTE: an image without a mask, or with an empty one, is used unpasted and counted (a --saliency DIR
+mask is decoded only when a view pastes, so an empty file counts only then).
 """
 import argparse
 import copy
@@ -41,10 +42,11 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision.transforms as T
+import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageDraw, ImageFilter
 
-from common import (IMAGENET_MEAN, IMAGENET_STD, ImageFolderSource, MomentumQueue, ResNetTrunk, ToyWorld,
-                    ema_update, load_backbone, open_source, shuffled_key_forward, to_rgb)
+from common import (IMAGENET_MEAN, IMAGENET_STD, ImageFolderSource, MomentumQueue, ResNetTrunk, ToyWorld, bench_loader,
+                    draw_colour, ema_update, load_backbone, open_source, photometric, shuffled_key_forward, to_rgb)
 
 # ---------------------------------------------------------------------------------------
 # Arguments
@@ -84,6 +86,7 @@ def get_args(argv=None):
     parser.add_argument("--steps", type=int, default=0, help="cap on iterations per epoch (0 = full epoch)")
     parser.add_argument("--tiny", action="store_true", help=f"CPU-sized recipe: {TINY_IMAGES} toy images, " + " ".join(f"{k}={v}" for k, v in TINY.items()))
     parser.add_argument("--preview", type=int, default=0, help="write output-dir/preview.png with N samples, then exit")
+    parser.add_argument("--bench-loader", type=int, default=0, metavar="N", help="time N loader items on one CPU thread, then exit")
     # DiLo ("Copy-and-paste for Background Augmentation", Table 2)
     parser.add_argument("--paste-prob", type=float, default=0.3, help="p, probability of copy-paste per view (0 = MoCo v2)")
     parser.add_argument("--background", default="gray", help="gray | dataset | folder:PATH")
@@ -104,43 +107,27 @@ def get_args(argv=None):
 # ---------------------------------------------------------------------------------------
 
 
-class RandomGaussianBlur:
-    """MoCo v2's blur: PIL Gaussian blur with sigma ~ U(0.1, 2.0)."""
-
-    def __call__(self, image):
-        return image.filter(ImageFilter.GaussianBlur(radius=float(torch.empty(()).uniform_(0.1, 2.0))))
-
-
-def moco_v2_augmentation(size):
-    return T.Compose([
-        T.RandomResizedCrop(size, scale=(0.2, 1.0)),
-        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-        T.RandomGrayscale(p=0.2),
-        T.RandomApply([RandomGaussianBlur()], p=0.5),
-        T.RandomHorizontalFlip(),
-        T.ToTensor(),
-        T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+def moco_v2_view(image, size):
+    """MoCo v2's geometry, RandomResizedCrop(size, scale (0.2, 1)) then a flip with p 0.5, of a
+    (3, H, W) uint8 tensor. Its colour part runs batched on the training device (common.photometric)."""
+    top, left, height, width = T.RandomResizedCrop.get_params(image, (0.2, 1.0), (3 / 4, 4 / 3))
+    view = TF.resized_crop(image, top, left, height, width, [size, size], antialias=True)
+    return TF.hflip(view) if torch.rand(()) < 0.5 else view
 
 
 def copy_paste(image, mask, background, soft):
-    """Foreground of `image` (where `mask` is on) over `background`; all the same size.
-
-    soft=False: hard paste with the mask binarised at 128. soft=True: Gaussian blending,
-    the mask blurred (sigma 5 px at original resolution) and used as alpha.
-    """
-    if soft:
-        alpha = mask.filter(ImageFilter.GaussianBlur(radius=5))
-    else:
-        alpha = mask.point(lambda v: 255 if v >= 128 else 0)
+    """`image` over `background` (all the same size) with alpha = mask / 255: the released loader
+    blends with the raw saliency values. soft=True: Gaussian blending, alpha blurred first (sigma 5 px)."""
+    alpha = mask.filter(ImageFilter.GaussianBlur(radius=5)) if soft else mask
     return Image.composite(image, background, alpha)
 
 
 class CopyPasteTwoViews(torch.utils.data.Dataset):
-    """Item -> (view_q, view_k, pasted (2,) bool, has_mask): two MoCo v2 views, each pasted with p."""
+    """Item -> (view_q, view_k (3, S, S) uint8, pasted (2,) bool, has_mask, colour (2, 12)): two MoCo v2
+    views, each pasted with p, and their photometric parameters (common.draw_colour)."""
 
     def __init__(self, source, args):
         self.source, self.args = source, args
-        self.augment = moco_v2_augmentation(args.image_size)
         self.backgrounds = None
         if args.background.startswith("folder:"):
             self.backgrounds = ImageFolderSource(args.background[len("folder:"):])
@@ -154,18 +141,20 @@ class CopyPasteTwoViews(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.source)
 
+    def mask_path(self, target):  # --saliency DIR
+        return os.path.join(self.args.saliency, os.path.splitext(target["path"])[0] + ".png")
+
     def load_mask(self, target, size):
         """The image's saliency mask as PIL 'L' of `size`, or None if it has none."""
         if self.args.saliency in ("gt", "rbd"):
             mask = target["mask"]
         else:
-            path = os.path.join(self.args.saliency, os.path.splitext(target["path"])[0] + ".png")
-            if not os.path.exists(path):
+            if not os.path.exists(self.mask_path(target)):
                 return None
-            mask = Image.open(path).convert("L")
+            mask = Image.open(self.mask_path(target)).convert("L")
         if mask.size != size:  # masks precomputed at another resolution
             mask = mask.resize(size, Image.BILINEAR)
-        return mask if mask.point(lambda v: 255 if v >= 128 else 0).getbbox() else None
+        return mask if mask.getextrema()[1] >= 128 else None  # empty: no pixel is foreground at 0.5
 
     def background(self, size):
         if self.args.background == "gray":
@@ -190,22 +179,27 @@ class CopyPasteTwoViews(torch.utils.data.Dataset):
             x, y = min(corners.int().tolist(), key=lambda c: saliency[c[1]:c[1] + side, c[0]:c[0] + side].mean())
         return image.crop((x, y, x + side, y + side)).resize(size, Image.BILINEAR)
 
-    def paste_or_not(self, image, mask):
-        if mask is None or float(torch.rand(())) >= self.args.paste_prob:
+    def paste_or_not(self, image, mask, coin):
+        if mask is None or not coin:
             return image, False
         soft = self.args.blend == "gaussian" or (self.args.blend == "mix" and float(torch.rand(())) < 0.5)
         return copy_paste(image, mask, self.background(image.size), soft), True
 
     def sample(self, index):
+        """-> image, mask (None: none, or not decoded as no view pastes), has_mask, [(source, pasted)] * 2, views."""
         image, target = self.source[index]
-        mask = self.load_mask(target, image.size) if self.args.paste_prob > 0 else None
-        pasted = [self.paste_or_not(image, mask) for _ in range(2)]  # independent per view
-        views = [self.augment(p) for p, _ in pasted]
-        return image, mask, pasted, views
+        coins = [float(torch.rand(())) < self.args.paste_prob for _ in range(2)]  # p per view, independently
+        lazy = self.args.saliency not in ("gt", "rbd") and not any(coins)  # then a mask file is not decoded
+        mask = None if lazy or self.args.paste_prob == 0 else self.load_mask(target, image.size)
+        has_mask = os.path.exists(self.mask_path(target)) if lazy else mask is not None
+        pasted = [self.paste_or_not(image, mask, coin) for coin in coins]
+        pixels = TF.pil_to_tensor(image)  # (3, H, W) uint8; a pasted view converts its own composite
+        views = [moco_v2_view(TF.pil_to_tensor(p) if was else pixels, self.args.image_size) for p, was in pasted]
+        return image, mask, has_mask, pasted, views
 
     def __getitem__(self, index):
-        _, mask, pasted, views = self.sample(index)
-        return views[0], views[1], torch.tensor([p for _, p in pasted]), mask is not None
+        _, _, has_mask, pasted, views = self.sample(index)
+        return views[0], views[1], torch.tensor([p for _, p in pasted]), has_mask, draw_colour(2)
 
 
 # ---------------------------------------------------------------------------------------
@@ -429,7 +423,10 @@ class DiLo(nn.Module):
         self.encoder_k = copy.deepcopy(self.encoder_q).requires_grad_(False)
         self.queue = MomentumQueue(args.queue_size)
 
-    def forward(self, im_q, im_k, pasted, has_mask):
+    def forward(self, im_q, im_k, pasted, has_mask, colour=None):
+        """colour (N, 2, 12): MoCo v2's colour part for the uint8 views; None: float inputs, ready."""
+        if colour is not None:
+            im_q, im_k = photometric(im_q, colour[:, 0]), photometric(im_k, colour[:, 1])
         q = self.encoder_q(im_q)  # (N, 128)
         ema_update(self.encoder_k, self.encoder_q, self.args.ema)
         k = shuffled_key_forward(self.encoder_k, (im_k,), self.args.bn_batch)  # (N, 128)
@@ -590,9 +587,10 @@ def write_preview(dataset, args, cell=128):
     for c, name in enumerate(columns):
         draw.text((c * cell + 4, 2), name, fill="black")
     for row in range(args.preview):
-        image, mask, pasted, views = dataset.sample(row)
-        mask = mask.convert("RGB") if mask is not None else Image.new("RGB", image.size, "red")
+        image, mask, has_mask, pasted, views = dataset.sample(row)
+        mask = mask.convert("RGB") if mask is not None else Image.new("RGB", image.size, "red" if not has_mask else "gray")
         cells = [image, mask] + [p for p, _ in pasted]
+        views = photometric(torch.stack(views), draw_colour(2))  # as the training step colours them
         cells = [c.resize((cell, cell)) for c in cells] + [to_picture(v, cell) for v in views]
         for c, picture in enumerate(cells):
             sheet.paste(picture, (c * cell, 16 + row * cell))
@@ -673,6 +671,8 @@ def main(args):
     dataset = CopyPasteTwoViews(source, args)
     if args.preview:
         return write_preview(dataset, args) if args.is_main else None
+    if args.bench_loader:
+        return bench_loader(dataset, args.bench_loader)
     seed_everything(args.seed)
     model = DiLo(args).to(args.device)
     if args.device.type == "cuda":

@@ -71,11 +71,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 import torchvision.transforms as T
-import torchvision.transforms.functional as TF
-from PIL import Image, ImageDraw, ImageFilter
+import torchvision.transforms.v2.functional as TF
+from PIL import Image, ImageDraw
 
-from common import (IMAGENET_MEAN, IMAGENET_STD, HeldOut, MomentumQueue, ResNetTrunk, ema_update, load_backbone,
-                    open_source, roi_align_boxes, shuffled_key_forward)
+from common import (IMAGENET_MEAN, IMAGENET_STD, HeldOut, MomentumQueue, ResNetTrunk, bench_loader, draw_colour,
+                    ema_update, load_backbone, open_source, photometric, roi_align_boxes, shuffled_key_forward)
 
 # ---------------------------------------------------------------------------------------
 # Arguments
@@ -116,6 +116,7 @@ def get_args(argv=None):
     parser.add_argument("--steps", type=int, default=0, help="cap on iterations per epoch (0 = full epoch)")
     parser.add_argument("--tiny", action="store_true", help=f"CPU-sized recipe: {TINY_IMAGES} toy images, " + " ".join(f"{k}={v}" for k, v in TINY.items()))
     parser.add_argument("--preview", type=int, default=0, help="write output-dir/preview.png with N samples, then exit")
+    parser.add_argument("--bench-loader", type=int, default=0, metavar="N", help="time N loader items on one CPU thread, then exit")
     # DUPR (sec. 3.2, eq. 2; Tables VI-VII). Each list has one value per level conv2..conv5.
     parser.add_argument("--alpha", type=float, nargs=4, default=[0.1, 0.4, 0.7, 1.0],
                         help="alpha_m, image-level loss weights (eq. 2); 0 = no head, no queue")
@@ -143,32 +144,21 @@ def get_args(argv=None):
 # ---------------------------------------------------------------------------------------
 
 
-class RandomGaussianBlur:  # Same as in dilo.py
-    """MoCo v2's blur: PIL Gaussian blur with sigma ~ U(0.1, 2.0)."""
-
-    def __call__(self, image):
-        return image.filter(ImageFilter.GaussianBlur(radius=float(torch.empty(()).uniform_(0.1, 2.0))))
-
-
 class MoCoV2ViewWithBox:
-    """MoCo v2's augmentation of one view (same order, same parameters) that also returns R_v,
-    the crop box in original pixels (x1, y1, x2, y2), and whether the view was flipped.
+    """MoCo v2's geometry of one view, RandomResizedCrop then a horizontal flip with p 0.5, that also
+    returns R_v, the crop box in original pixels (x1, y1, x2, y2), and whether the view was flipped.
 
-    `size` is an int or (height, width). colour=False skips jitter/grayscale/blur (geometry test).
+    `size` is an int or (height, width). Input and view are (3, H, W) tensors (uint8 in training);
+    the colour part runs on the training device (common.photometric; flip commutes with it).
     """
 
-    def __init__(self, size, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), colour=True):
+    def __init__(self, size, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)):
         self.size = [size, size] if isinstance(size, int) else list(size)
         self.scale, self.ratio = scale, ratio
-        self.colour = T.Compose([
-            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-            T.RandomGrayscale(p=0.2),
-            T.RandomApply([RandomGaussianBlur()], p=0.5)]) if colour else (lambda image: image)
 
     def __call__(self, image):
         top, left, height, width = T.RandomResizedCrop.get_params(image, self.scale, self.ratio)
         view = TF.resized_crop(image, top, left, height, width, self.size, antialias=True)
-        view = self.colour(view)
         flipped = bool(torch.rand(()) < 0.5)  # RandomHorizontalFlip, recorded
         if flipped:
             view = TF.hflip(view)
@@ -176,24 +166,25 @@ class MoCoV2ViewWithBox:
 
 
 class TwoViewsWithBoxes(torch.utils.data.Dataset):
-    """Item -> (view_q, view_k, crop_q (4,), crop_k (4,), flip_q, flip_k): crops in original pixels."""
+    """Item -> (view_q, view_k (3, S, S) uint8, crop_q (4,), crop_k (4,), flip_q, flip_k, colour (2, 12)):
+    crops in original pixels, each view's photometric parameters (common.draw_colour)."""
 
     def __init__(self, source, args):
         self.source = source
         self.augment = MoCoV2ViewWithBox(args.image_size)
-        self.to_tensor = T.Compose([T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
     def __len__(self):
         return len(self.source)
 
     def sample(self, index):
         image, _ = self.source[index]
-        return image, [self.augment(image) for _ in range(2)]
+        pixels = TF.pil_to_tensor(image)  # (3, H, W) uint8, decoded once for both views
+        return image, [self.augment(pixels) for _ in range(2)]
 
     def __getitem__(self, index):
         _, ((view_q, crop_q, flip_q), (view_k, crop_k, flip_k)) = self.sample(index)
-        return (self.to_tensor(view_q), self.to_tensor(view_k), torch.tensor(crop_q, dtype=torch.float32),
-                torch.tensor(crop_k, dtype=torch.float32), torch.tensor(flip_q), torch.tensor(flip_k))
+        return (view_q, view_k, torch.tensor(crop_q, dtype=torch.float32), torch.tensor(crop_k, dtype=torch.float32),
+                torch.tensor(flip_q), torch.tensor(flip_k), draw_colour(2))
 
 
 def intersection_in_views(crop_1, crop_2, flip_1, flip_2, size_1, size_2):
@@ -266,7 +257,10 @@ class DUPR(nn.Module):
         self.image_queues = nn.ModuleDict({m: MomentumQueue(args.queue_size) for m in self.encoder_q.image_heads})
         self.patch_queues = nn.ModuleDict({m: MomentumQueue(args.queue_size) for m in self.encoder_q.patch_heads})
 
-    def forward(self, im_q, im_k, crop_q, crop_k, flip_q, flip_k):
+    def forward(self, im_q, im_k, crop_q, crop_k, flip_q, flip_k, colour=None):
+        """colour (N, 2, 12): MoCo v2's colour part for the uint8 views; None: float inputs, ready."""
+        if colour is not None:
+            im_q, im_k = photometric(im_q, colour[:, 0]), photometric(im_k, colour[:, 1])
         size_q, size_k = (im_q.shape[-1], im_q.shape[-2]), (im_k.shape[-1], im_k.shape[-2])  # (width, height)
         B_q, B_k, valid = intersection_in_views(crop_q, crop_k, flip_q, flip_k, size_q, size_k)
         q = self.encoder_q(im_q, B_q, flip_q)  # v^(m) (N, 128) per image level, then r^(m) (N, S*S, 128)
@@ -624,8 +618,9 @@ def write_preview(dataset, args, cell=160):
         B = torch.cat([crops[:, 0, :2].max(0).values, crops[:, 0, 2:].min(0).values])
         for box, colour in ((crops[0, 0], "red"), (crops[1, 0], "blue")) + (((B, "yellow"),) if valid else ()):
             draw.rectangle((box * scale + torch.tensor([0, top, 0, top])).tolist(), outline=colour, width=2)
+        colour = draw_colour(2)
         for c, ((view, _, flipped), box) in enumerate(zip(views, (B_q[0], B_k[0])), start=1):
-            sheet.paste(to_picture(dataset.to_tensor(view), cell), (c * cell, top))
+            sheet.paste(to_picture(photometric(view[None], colour[c - 1:c])[0], cell), (c * cell, top))
             draw.text((c * cell + 4, top + 4), "flipped" if flipped else "not flipped", fill="yellow")
             if not valid:
                 draw.text((c * cell + 4, top + 16), "no overlap: no patch loss", fill="red")
@@ -657,6 +652,8 @@ def main(args):  # Same as in dilo.py (method names only)
     dataset = TwoViewsWithBoxes(source, args)
     if args.preview:
         return write_preview(dataset, args) if args.is_main else None
+    if args.bench_loader:
+        return bench_loader(dataset, args.bench_loader)
     seed_everything(args.seed)
     model = DUPR(args).to(args.device)
     if args.device.type == "cuda":

@@ -17,7 +17,7 @@ a random anchor overlapping the true box. Sec. 4.3: the RoI head is the detector
     torchrun --nnodes=2 --node_rank=0 --master_addr=HOST --master_port=29500 \\
         --nproc_per_node=8 insloc.py --data /imagenet --variant fpn
 
-Recipe (defaults): canvas 256, foreground longer side in [128, 256), aspect ratios
+Recipe (defaults): canvas 256, foreground fitted into w x h drawn in [128, 255), aspect ratios
 (1/3, 3) for C4 and (1/2, 2) for FPN (footnote 3); tau 0.2, K 65536, m 0.999, SGD lr 0.03
 per 256 with Nesterov momentum 0.9, wd 1e-4, cosine, 200 epochs, 32 images per GPU x 8.
 Expected (paper, 200 epochs): VOC07+12 Faster R-CNN R50-C4 AP 57.9 (MoCo v2 57.0, Table 1);
@@ -25,7 +25,8 @@ COCO Mask R-CNN 2x AP^bb 41.4 (R50-C4) and 43.2 (R50-FPN) (Table 2).
 
 NOTE: the horizontal flip is applied to the composite before the colour augmentation (the
 spec lists it after); every colour operation is per pixel or mirror-symmetric, so the
-distribution is the same and sample() can return the final geometry.
+distribution is the same and sample() can return the final geometry. The colour part runs on
+the training device, one draw per composite (common.photometric).
 NOTE: the background is the whole other image stretched to the canvas (spec); its index
 differs from the foreground's and from the other view's background (footnote 2).
 NOTE: anchors (sec. 4.2) sit at the centres of a 16 x 16 grid and are clipped to the canvas,
@@ -36,7 +37,7 @@ NOTE: FPN: the query pools the augmented box on P5 only and the true box on P2..
 release); the key always pools the true box. The shared head runs on the RoIs of all four
 levels as one batch (its BN sees them together, as a detector's box head does).
 NOTE: Nesterov momentum (spec, the release) where dilo.py uses plain momentum.
-NOTE: every pixel size (canvas 256, foreground [128, 256), anchors 32..256 on stride 16)
+NOTE: every pixel size (canvas 256, foreground [128, 255), anchors 32..256 on stride 16)
 scales with --image-size / 256: see pixel_sizes().
 """
 import argparse
@@ -56,11 +57,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 import torchvision.transforms as T
-from PIL import Image, ImageDraw, ImageFilter
+import torchvision.transforms.v2.functional as TF
+from PIL import Image, ImageDraw
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
 
-from common import (IMAGENET_MEAN, IMAGENET_STD, HeldOut, MomentumQueue, ResNetTrunk, ema_update, load_backbone,
-                    open_source, roi_align_boxes, shuffled_key_forward)
+from common import (IMAGENET_MEAN, IMAGENET_STD, HeldOut, MomentumQueue, ResNetTrunk, bench_loader, draw_colour,
+                    ema_update, load_backbone, open_source, photometric, roi_align_boxes, shuffled_key_forward)
 
 # ---------------------------------------------------------------------------------------
 # Arguments
@@ -100,6 +102,7 @@ def get_args(argv=None):
     parser.add_argument("--steps", type=int, default=0, help="cap on iterations per epoch (0 = full epoch)")
     parser.add_argument("--tiny", action="store_true", help=f"CPU-sized recipe: {TINY_IMAGES} toy images, " + " ".join(f"{k}={v}" for k, v in TINY.items()))
     parser.add_argument("--preview", type=int, default=0, help="write output-dir/preview.png with N samples, then exit")
+    parser.add_argument("--bench-loader", type=int, default=0, metavar="N", help="time N loader items on one CPU thread, then exit")
     # InsLoc (sec. 4.1-4.3)
     parser.add_argument("--variant", default="c4", choices=["c4", "fpn"], help="detector the pretraining mimics (sec. 4.3)")
     parser.add_argument("--box-aug", action=argparse.BooleanOptionalAction, default=True, help="query pools a random anchor with IoU > 0.5 (sec. 4.2)")
@@ -132,7 +135,7 @@ def get_args(argv=None):
 def pixel_sizes(image_size):
     """The paper's pixel sizes for a 256 canvas, scaled to `image_size` (the one place they live)."""
     s = image_size / 256
-    return {"foreground": (round(128 * s), image_size),  # longer side in [lo, hi)
+    return {"foreground": (round(128 * s), round(255 * s)),  # fitting box sides drawn in [lo, hi)
             "anchor_stride": 16 * s, "anchor_sizes": [32 * s, 64 * s, 128 * s, 256 * s]}
 
 
@@ -157,28 +160,21 @@ def augment_box(box, anchors, iou_threshold=0.5, nms_threshold=0.7):
     return candidates[kept[torch.randint(len(kept), ())]]
 
 
-class RandomGaussianBlur:  # Same as in dilo.py
-    """MoCo v2's blur: PIL Gaussian blur with sigma ~ U(0.1, 2.0)."""
-
-    def __call__(self, image):
-        return image.filter(ImageFilter.GaussianBlur(radius=float(torch.empty(()).uniform_(0.1, 2.0))))
-
-
-def colour_augmentation():
-    """MoCo v2 minus crop and flip (done by the composition), on the whole composite."""
-    return T.Compose([
-        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-        T.RandomGrayscale(p=0.2),
-        T.RandomApply([RandomGaussianBlur()], p=0.5),
-        T.ToTensor(),
-        T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+def fit_foreground(width, height, lo, hi):
+    """The release's foreground scale (mmcv.imrescale into a random (w, h), w, h in [lo, hi)): the crop
+    keeps its aspect ratio and fits inside the box whichever its orientation, its longer side within
+    the longer draw and its shorter side within the shorter. -> (width, height) in canvas pixels."""
+    fit = torch.randint(lo, hi, (2,))
+    scale = min(float(fit.max()) / max(width, height), float(fit.min()) / min(width, height))
+    return max(1, round(width * scale)), max(1, round(height * scale))
 
 
 class InstanceComposition(torch.utils.data.Dataset):
-    """Item i -> (im_q, im_k, box_q, box_q_aug, box_k): image i pasted on two other images.
+    """Item i -> (im_q, im_k, box_q, box_q_aug, box_k, colour): image i pasted on two other images.
 
-    Boxes are (4,) xyxy canvas pixels; box_q_aug is the query's augmented box (= box_q
-    with --no-box-aug). An epoch visits every image once as the foreground.
+    Composites are (3, S, S) uint8, colour (2, 12) their photometric parameters; boxes are (4,) xyxy
+    canvas pixels; box_q_aug is the query's augmented box (= box_q with --no-box-aug). An epoch
+    visits every image once as the foreground.
     """
 
     def __init__(self, source, args):
@@ -187,13 +183,12 @@ class InstanceComposition(torch.utils.data.Dataset):
         self.source, self.args, self.size = source, args, args.image_size
         self.foreground_side = pixel_sizes(args.image_size)["foreground"]
         self.anchors = make_anchors(args.image_size)  # (A, 4), shared by every sample
-        self.colour = colour_augmentation()
 
     def __len__(self):
         return len(self.source)
 
     def load_background(self, index):
-        return self.source[index][0].resize((self.size, self.size), Image.BILINEAR)
+        return TF.resize(TF.pil_to_tensor(self.source[index][0]), [self.size, self.size], antialias=True)  # (3, S, S)
 
     def draw_backgrounds(self, index):
         """Two distinct background indices, neither the foreground `index` (footnote 2)."""
@@ -205,35 +200,32 @@ class InstanceComposition(torch.utils.data.Dataset):
         return chosen
 
     def compose(self, image, background_index):
-        """C(I, B) of eq. 3-4: a random crop of `image` hard-pasted on background B -> one view."""
-        S, (lo, hi) = self.size, self.foreground_side
+        """C(I, B) of eq. 3-4: a random crop of `image` (3, H, W) uint8 hard-pasted on background B -> one view."""
+        S = self.size
         i, j, h, w = T.RandomResizedCrop.get_params(image, scale=(0.2, 1.0), ratio=self.args.fg_ratio)
-        # Rescale, keeping the crop's aspect ratio, to fit a box with sides drawn in [lo, hi):
-        # the constraining side equals its draw, so the longer side lands in [lo, hi).
-        fit_w, fit_h = torch.randint(lo, hi, (2,)).tolist()
-        scale = min(fit_w / w, fit_h / h)
-        size = (max(1, round(w * scale)), max(1, round(h * scale)))
-        crop = image.resize(size, Image.BILINEAR, box=(j, i, j + w, i + h))
+        size = fit_foreground(w, h, *self.foreground_side)  # (width, height)
+        crop = TF.resized_crop(image, i, j, h, w, [size[1], size[0]], antialias=True)  # crop, then resize
         x, y = int(torch.randint(S - size[0] + 1, ())), int(torch.randint(S - size[1] + 1, ()))
         composite = self.load_background(background_index)
-        composite.paste(crop, (x, y))  # hard paste, no blending
+        composite[:, y:y + size[1], x:x + size[0]] = crop  # hard paste, no blending
         box = torch.tensor([x, y, x + size[0], y + size[1]], dtype=torch.float32)
         flipped = bool(torch.rand(()) < 0.5)
         if flipped:  # the box is mirrored with the canvas
-            composite = composite.transpose(Image.FLIP_LEFT_RIGHT)
+            composite = TF.hflip(composite)
             box = torch.stack([S - box[2], box[1], S - box[0], box[3]])
         return {"composite": composite, "box": box, "background": background_index, "crop": crop, "flipped": flipped}
 
     def sample(self, index):
-        """-> foreground image, [view_q, view_k] (dicts from compose(), before colour augmentation)."""
+        """-> foreground image (PIL), [view_q, view_k] (dicts from compose(), before colour augmentation)."""
         image = self.source[index][0]
-        return image, [self.compose(image, b) for b in self.draw_backgrounds(index)]
+        pixels = TF.pil_to_tensor(image)  # (3, H, W) uint8, decoded once for both views
+        return image, [self.compose(pixels, b) for b in self.draw_backgrounds(index)]
 
     def __getitem__(self, index):
         _, (view_q, view_k) = self.sample(index)
         box_q = view_q["box"]
         box_q_aug = augment_box(box_q, self.anchors) if self.args.box_aug else box_q
-        return self.colour(view_q["composite"]), self.colour(view_k["composite"]), box_q, box_q_aug, view_k["box"]
+        return view_q["composite"], view_k["composite"], box_q, box_q_aug, view_k["box"], draw_colour(2)
 
 
 # ---------------------------------------------------------------------------------------
@@ -301,7 +293,10 @@ class InsLoc(nn.Module):
         # One queue per level: a level never meets another level's keys ("cross-level cheating").
         self.queues = nn.ModuleList(MomentumQueue(args.queue_size) for _ in self.encoder_q.levels)
 
-    def forward(self, im_q, im_k, box_q, box_q_aug, box_k):
+    def forward(self, im_q, im_k, box_q, box_q_aug, box_k, colour=None):
+        """colour (N, 2, 12): MoCo v2's colour part for the uint8 composites; None: float inputs, ready."""
+        if colour is not None:
+            im_q, im_k = photometric(im_q, colour[:, 0]), photometric(im_k, colour[:, 1])
         L = len(self.encoder_q.levels)
         # Query boxes per level: C4 pools the augmented box; FPN only on P5 (the release).
         boxes_q = torch.stack([box_q] * (L - 1) + [box_q_aug], dim=1)  # (N, L, 4)
@@ -434,13 +429,19 @@ def view_retrieval(trunks, images, size, seed, device, batch=64):
     """Instance retrieval with no queue and no momentum encoder: two seeded MoCo v2 views of each image
     (as loaded); how often is view 1's nearest view 2 (cosine of pooled conv5_x) its own? Top-1 per trunk."""
     seed_everything(seed)
-    augment = T.Compose([T.RandomResizedCrop(size, scale=(0.2, 1.0)), T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-                         T.RandomGrayscale(p=0.2), T.RandomApply([RandomGaussianBlur()], p=0.5), T.RandomHorizontalFlip(), NORMALISE])
+
+    def view(image):  # MoCo v2's geometry on the uint8 image; its colour part runs batched below
+        image = TF.pil_to_tensor(image)
+        top, left, height, width = T.RandomResizedCrop.get_params(image, (0.2, 1.0), (3 / 4, 4 / 3))
+        crop = TF.resized_crop(image, top, left, height, width, [size, size], antialias=True)
+        return TF.hflip(crop) if torch.rand(()) < 0.5 else crop
+
     views = []  # 2 x (trunks, G, C): every trunk embeds the same two views
     for _ in range(2):
         chunks = []
         for start in range(0, len(images), batch):
-            x = torch.stack([augment(images[i][0]) for i in range(start, min(start + batch, len(images)))]).to(device)
+            x = torch.stack([view(images[i][0]) for i in range(start, min(start + batch, len(images)))])
+            x = photometric(x.to(device), draw_colour(len(x)))
             chunks.append(torch.stack([F.normalize(trunk(x)[-1].mean((2, 3)), dim=1) for trunk in trunks]))  # (trunks, b, C)
         views.append(torch.cat(chunks, dim=1))
     own = (views[0] @ views[1].transpose(1, 2)).argmax(2).cpu() == torch.arange(views[0].shape[1])  # (trunks, G)
@@ -614,8 +615,9 @@ def write_preview(dataset, args, cell=128):
     for row in range(args.preview):
         image, views = dataset.sample(row)
         box_aug = augment_box(views[0]["box"], dataset.anchors) if args.box_aug else views[0]["box"]
-        cells = [image] + [v["composite"] for v in views]
-        cells = [c.resize((cell, cell)) for c in cells] + [to_picture(dataset.colour(v["composite"]), cell) for v in views]
+        composites = torch.stack([v["composite"] for v in views])  # (2, 3, S, S) uint8
+        cells = [image] + [TF.to_pil_image(c) for c in composites]
+        cells = [c.resize((cell, cell)) for c in cells] + [to_picture(v, cell) for v in photometric(composites, draw_colour(2))]
         for c, picture in enumerate(cells):
             sheet.paste(picture, (c * cell, 16 + row * cell))
         for c in (1, 2, 3, 4):  # the same geometry on the composite and on the augmented view
@@ -642,6 +644,8 @@ def main(args):
     dataset = InstanceComposition(source, args)
     if args.preview:
         return write_preview(dataset, args) if args.is_main else None
+    if args.bench_loader:
+        return bench_loader(dataset, args.bench_loader)
     seed_everything(args.seed)
     model = InsLoc(args).to(args.device)
     if args.device.type == "cuda":

@@ -266,10 +266,9 @@ def test_dilo_training_reduces_infonce_on_fixed_views():
     args = dilo.get_args(SMALL + ["--queue-size", "256", "--bn-batch", "8"])
     model = dilo.DiLo(args)
     world = common.ToyWorld(32, 36)
-    augment = dilo.moco_v2_augmentation(32)
-    images = [world[i][0] for i in range(32)]
-    im_q, im_k = torch.stack([augment(p) for p in images]), torch.stack([augment(p) for p in images])
-    flags = torch.zeros(32, 2, dtype=torch.bool), torch.ones(32, dtype=torch.bool)
+    images = [torchvision.transforms.v2.functional.pil_to_tensor(world[i][0]) for i in range(32)]
+    im_q, im_k = (torch.stack([dilo.moco_v2_view(p, 32) for p in images]) for _ in range(2))  # uint8
+    flags = torch.zeros(32, 2, dtype=torch.bool), torch.ones(32, dtype=torch.bool), common.draw_colour(64).view(32, 2, 12)
     optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=0.03, momentum=0.9, weight_decay=1e-4)
     losses = []
     for _ in range(50):
@@ -333,7 +332,7 @@ def test_dilo_saliency_dir_and_folder_data(tmp_path):
     args = dilo.get_args(SMALL + ["--data", str(tmp_path / "data"), "--saliency", str(tmp_path / "sal"),
                                   "--paste-prob", "1", "--blend", "none", "--background", "dataset"])
     dataset = dilo.CopyPasteTwoViews(common.open_source(args.data, 0, 0), args)
-    image, mask, pasted, _ = dataset.sample(3)
+    image, mask, _, pasted, _ = dataset.sample(3)
     assert mask is not None and all(was for _, was in pasted)
     on = np.asarray(mask) >= 128
     assert np.array_equal(np.asarray(pasted[0][0])[on], np.asarray(image)[on])
@@ -477,7 +476,7 @@ def _dupr_coordinate_image(h, w):
 
 
 def _dupr_random_pairs(n, seed=0):
-    """n pairs of views made by the training augmentation (colour off) from coordinate images:
+    """n pairs of views made by the training geometry (colour runs later, on the device) from coordinate images:
     originals 30..500 px a side (aspect up to 16:1), crop aspect ratios 1:4..4:1, flips, and
     view sizes that differ between the two views and need not be square."""
     torch.manual_seed(seed)
@@ -486,7 +485,7 @@ def _dupr_random_pairs(n, seed=0):
         h, w = torch.randint(30, 500, (2,)).tolist()
         image = _dupr_coordinate_image(h, w)
         sizes = [int(torch.randint(24, 256, ())) if i % 2 else tuple(torch.randint(24, 256, (2,)).tolist()) for _ in range(2)]
-        views = [dupr.MoCoV2ViewWithBox(size, ratio=(1 / 4, 4), colour=False)(image) for size in sizes]
+        views = [dupr.MoCoV2ViewWithBox(size, ratio=(1 / 4, 4))(image) for size in sizes]
         pairs.append([(v, torch.tensor([crop], dtype=torch.float32), torch.tensor([flipped])) for v, crop, flipped in views])
     return pairs
 
@@ -601,7 +600,7 @@ def test_dupr_reduces_to_moco_v2_of_dilo():
         torch.manual_seed(step)  # the shuffle-BN permutation
         loss_ours, _ = ours(*batch)
         torch.manual_seed(step)
-        loss_theirs, _ = theirs(batch[0], batch[1], torch.zeros(8, 2, dtype=torch.bool), torch.ones(8, dtype=torch.bool))
+        loss_theirs, _ = theirs(batch[0], batch[1], torch.zeros(8, 2, dtype=torch.bool), torch.ones(8, dtype=torch.bool), batch[-1])
         assert abs(loss_ours.item() - loss_theirs.item()) < 1e-5
         ours.zero_grad(), theirs.zero_grad()
         loss_ours.backward(), loss_theirs.backward()
@@ -660,30 +659,33 @@ import detco  # noqa: E402
 
 
 def test_detco_jigsaw_patches_are_windows_of_their_cells():
-    """Before colour: patch = the pixels of a 64 x 64 window inside its 85 x 85 cell of the
-    255 x 255 crop (itself the recorded box of the original, resized, maybe flipped); the
-    recorded permutation puts the patches back in cell order."""
+    """Patch = the pixels of a 64 x 64 window inside its 85 x 85 cell of the 255 x 255 crop (itself
+    the recorded box of the original, resized, maybe flipped); the recorded permutation puts the
+    patches back in cell order. Loader outputs are uint8: colour runs later, on the device."""
     assert detco.local_sizes(224) == (255, 85, 64) and detco.local_sizes(64) == (72, 24, 18)
     dataset = detco.GlobalLocalViews(common.ToyWorld(6, 256), detco.get_args(["--tiny", "--image-size", "224"]))
-    dataset.colour = lambda image: image  # geometry only; to_input (ToTensor, Normalize) is per pixel
+    resized_crop = torchvision.transforms.v2.functional.resized_crop
     torch.manual_seed(0)
     offsets, perms = set(), set()
     for index in range(6):
         image, _, jigsaws = dataset.sample(index)
         for jigsaw in jigsaws:
-            crop = image.crop(jigsaw["box"]).resize((255, 255), Image.BILINEAR)
-            crop = crop.transpose(Image.FLIP_LEFT_RIGHT) if jigsaw["flipped"] else crop
-            assert np.array_equal(np.asarray(jigsaw["crop"]), np.asarray(crop))
+            x0, y0, x1, y1 = jigsaw["box"]
+            pixels = torchvision.transforms.v2.functional.pil_to_tensor(image)
+            crop = resized_crop(pixels, y0, x0, y1 - y0, x1 - x0, [255, 255], antialias=True)
+            crop = crop.flip(-1) if jigsaw["flipped"] else crop
+            assert torch.equal(jigsaw["crop"], crop)
             in_cell_order = jigsaw["patches"][jigsaw["perm"].argsort()]  # (9, 3, 64, 64)
             for cell, ((y, x), patch) in enumerate(zip(jigsaw["windows"].tolist(), in_cell_order)):
                 row, column = divmod(cell, 3)
                 assert 85 * row <= y <= y + 64 <= 85 * (row + 1) and 85 * column <= x <= x + 64 <= 85 * (column + 1)
-                assert torch.equal(patch, dataset.to_input(crop.crop((x, y, x + 64, y + 64))))
+                assert torch.equal(patch, crop[:, y:y + 64, x:x + 64])
                 offsets.add((y - 85 * row, x - 85 * column))
             perms.add(tuple(jigsaw["perm"].tolist()))
     assert len(offsets) > 50 and len(perms) == 12  # windows and orders are random
-    view_q, view_k, patches_q, patches_k = dataset[0]
+    view_q, view_k, patches_q, patches_k, colour = dataset[0]
     assert view_q.shape == view_k.shape == (3, 224, 224) and patches_q.shape == patches_k.shape == (9, 3, 64, 64)
+    assert view_q.dtype == patches_q.dtype == torch.uint8 and colour.shape == (4, 12)
 
 
 def _detco_embed(encoder, image, patches):
@@ -803,11 +805,11 @@ def test_insloc_composition_pixels_boxes_backgrounds():
                 x1, y1, x2, y2 = view["box"].tolist()
                 assert all(float(c).is_integer() for c in (x1, y1, x2, y2)) and 0 <= x1 < x2 <= S and 0 <= y1 < y2 <= S
                 x1, y1, x2, y2 = int(x1), int(y1), int(x2), int(y2)
-                crop, background = np.asarray(view["crop"]), np.asarray(dataset.load_background(view["background"]))
+                crop, background = (np.asarray(t.permute(1, 2, 0)) for t in (view["crop"], dataset.load_background(view["background"])))
                 if view["flipped"]:
                     crop, background = crop[:, ::-1], background[:, ::-1]
                 flips.add(view["flipped"])
-                composite = np.asarray(view["composite"])
+                composite = np.asarray(view["composite"].permute(1, 2, 0))  # (S, S, 3) uint8
                 assert crop.shape[:2] == (y2 - y1, x2 - x1) and 32 <= max(crop.shape[:2]) < 64
                 inside = np.zeros((S, S), dtype=bool)
                 inside[y1:y2, x1:x2] = True
@@ -821,8 +823,8 @@ def test_insloc_composition_pixels_boxes_backgrounds():
     torch.manual_seed(1)
     _, views = dataset.sample(2)
     torch.manual_seed(1)
-    im_q, im_k, box_q, box_q_aug, box_k = dataset[2]  # the loader's item is that sample, colour-augmented
-    assert im_q.shape == im_k.shape == (3, S, S)
+    im_q, im_k, box_q, box_q_aug, box_k, colour = dataset[2]  # the loader's item is that sample, uint8
+    assert im_q.shape == im_k.shape == (3, S, S) and torch.equal(im_q, views[0]["composite"]) and colour.shape == (2, 12)
     assert torch.equal(box_q, views[0]["box"]) and torch.equal(box_k, views[1]["box"])
     assert torchvision.ops.box_iou(box_q[None], box_q_aug[None]) > 0.5
     with pytest.raises(SystemExit, match="at least 3"):
@@ -1977,3 +1979,174 @@ def test_rbd_steps_follow_the_reference_code(monkeypatch):
     background = (system.sum(1) - w_fg) / 5  # D - W has zero row sums: what is left is the background weight
     certain = np.isclose(background, 1000)
     assert certain.sum() >= 10 and (background[~certain] < 1).all() and np.isclose(background[~certain], 0).sum() >= 1
+# ---------------------------------------------------------------------------------------
+# --- device-side augmentation and lean loaders (issue 21) ---
+# ---------------------------------------------------------------------------------------
+
+import itertools  # noqa: E402
+
+import torchvision.transforms.v2.functional as TF2  # noqa: E402
+from PIL import ImageFilter  # noqa: E402
+
+_JITTER_OPS = ("brightness", "contrast", "saturation", "hue")
+
+
+def _torchvision_colour(image, colour):
+    """The reference: torchvision v2's tensor functions, one sample at a time, in its drawn order."""
+    x = image.float() / 255
+    if colour[0]:
+        for op in colour[5:9].long().tolist():
+            x = getattr(TF2, f"adjust_{_JITTER_OPS[op]}")(x, float(colour[1 + op]))
+    if colour[9]:
+        x = TF2.rgb_to_grayscale(x, num_output_channels=3)
+    if colour[10]:
+        x = TF2.gaussian_blur(x, [common.BLUR_TAPS] * 2, [float(colour[11])] * 2)
+    return x
+
+
+def _unnormalise(x):
+    return x * torch.tensor(common.IMAGENET_STD)[:, None, None] + torch.tensor(common.IMAGENET_MEAN)[:, None, None]
+
+
+def test_each_batched_colour_op_equals_torchvision_per_sample():
+    """brightness, contrast, saturation, hue, grayscale, blur: each sample of a batch with its own
+    parameter equals torchvision.transforms.v2.functional on that sample, within 1/255."""
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (6, 3, 21, 26), dtype=torch.uint8, generator=generator)
+    x = images.float() / 255
+    for op, (lo, hi) in zip(_JITTER_OPS, [(0.6, 1.4)] * 3 + [(-0.5, 0.5)]):
+        factor = torch.empty(6).uniform_(lo, hi, generator=generator)
+        reference = torch.stack([getattr(TF2, f"adjust_{op}")(x[i], float(factor[i])) for i in range(6)])
+        assert (common.adjust(x, op, factor) - reference).abs().max() <= 1 / 255, op
+    sigma = torch.empty(6).uniform_(0.1, 2.0, generator=generator)
+    reference = torch.stack([TF2.gaussian_blur(x[i], [13, 13], [float(sigma[i])] * 2) for i in range(6)])
+    assert (common.gaussian_blur(x, sigma) - reference).abs().max() <= 1 / 255
+    gray = torch.zeros(6, 12)
+    gray[::2, 9] = 1  # grayscale on for samples 0, 2, 4 only
+    out = _unnormalise(common.photometric(images, gray))
+    reference = torch.stack([TF2.rgb_to_grayscale(x[i], 3) if i % 2 == 0 else x[i] for i in range(6)])
+    assert (out - reference).abs().max() <= 1 / 255
+
+
+def test_photometric_follows_each_samples_order_and_flags():
+    """All 24 jitter orders in one batch, random flags: photometric == the torchvision reference per sample."""
+    generator = torch.Generator().manual_seed(1)
+    colour = common.draw_colour(24, generator)
+    colour[:, 5:9] = torch.tensor(list(itertools.permutations(range(4))), dtype=torch.float32)
+    colour[:, 0] = 1
+    colour[:, 4] = torch.empty(24).uniform_(-0.5, 0.5, generator=generator)  # a large hue: order matters more
+    images = torch.randint(0, 256, (24, 3, 20, 20), dtype=torch.uint8, generator=generator)
+    out = _unnormalise(common.photometric(images, colour))
+    reference = torch.stack([_torchvision_colour(image, c) for image, c in zip(images, colour)])
+    assert (out - reference).abs().max() <= 1 / 255
+    swapped = colour.clone()
+    swapped[:, 5:9] = colour[:, 5:9].flip(1)  # the reversed order gives other images: the order is used
+    assert (_unnormalise(common.photometric(images, swapped)) - reference).abs().max() > 10 / 255
+
+
+def test_colour_draws_probabilities_and_ranges():
+    """Over 10,000 draws: jitter p 0.8, grayscale 0.2, blur 0.5 within 3 sigma; all 24 orders; MoCo v2's ranges."""
+    colour = common.draw_colour(10_000, torch.Generator().manual_seed(0))
+    for column, p in ((0, 0.8), (9, 0.2), (10, 0.5)):
+        assert abs(colour[:, column].mean().item() - p) <= 3 * math.sqrt(p * (1 - p) / 10_000), column
+    orders = {tuple(row) for row in colour[:, 5:9].long().tolist()}
+    assert len(orders) == 24 and all(sorted(order) == [0, 1, 2, 3] for order in orders)
+    assert 0.6 <= colour[:, 1:4].min() and colour[:, 1:4].max() <= 1.4 and colour[:, 4].abs().max() <= 0.1
+    assert 0.1 <= colour[:, 11].min() and colour[:, 11].max() <= 2.0
+
+
+def test_detco_patch_set_shares_its_colour(monkeypatch):
+    """The 9 patches of a set get one draw: 9 identical patches stay identical and equal torchvision's
+    pipeline on one of them; DetCo's forward gives sets their own rows of `colour`."""
+    args = detco.get_args(SMALL + ["--image-size", "64", "--bn-batch", "2"])
+    dataset = detco.GlobalLocalViews(common.ToyWorld(2, 73), args)
+    torch.manual_seed(0)
+    items = [dataset[i] for i in range(2)]
+    patches, colour = items[0][2], common.draw_colour(1, torch.Generator().manual_seed(3))
+    colour[0, [0, 10]] = 1  # jitter and blur on
+    same = patches[4:5].expand(9, -1, -1, -1)  # (9, 3, p, p): one patch nine times
+    out = _unnormalise(common.photometric(same[None], colour)[0])
+    assert (out - out[:1]).abs().max() == 0
+    assert (out[0] - _torchvision_colour(same[0], colour[0])).abs().max() <= 1 / 255
+    seen = []
+    monkeypatch.setattr(detco, "photometric", lambda x, c: seen.append((x.shape, c.clone())) or common.photometric(x, c))
+    batch = torch.utils.data.default_collate(items)
+    detco.DetCo(args)(*batch)
+    p = detco.local_sizes(64)[2]
+    assert [shape for shape, _ in seen] == [(2, 3, 64, 64)] * 2 + [(2, 9, 3, p, p)] * 2
+    assert all(torch.equal(c, batch[-1][:, i]) for i, (_, c) in enumerate(seen))
+
+
+def test_insloc_foreground_long_side_matches_release():
+    """The release fits the crop into (w, h) drawn in [128, 255) whichever its orientation: over 20k
+    draws (crops of 500 x 375 images) the mean long side is 200 px (tying width to w gave 186)."""
+    torch.manual_seed(0)
+    image = torch.zeros(3, 375, 500)
+    lo, hi = insloc.pixel_sizes(256)["foreground"]
+    assert (lo, hi) == (128, 255)
+    long_sides = []
+    for draw in range(20_000):
+        _, _, h, w = torchvision.transforms.RandomResizedCrop.get_params(image, (0.2, 1.0), (1 / 2, 2))
+        torch.manual_seed(draw)
+        width, height = insloc.fit_foreground(w, h, lo, hi)
+        assert abs(width / height - w / h) <= 1.5 * (w / h) / min(width, height)  # aspect kept up to rounding
+        assert max(width, height) < hi
+        long_sides.append(max(width, height))
+        if draw < 200:  # the same draw for the transposed crop gives the transposed size
+            torch.manual_seed(draw)
+            assert insloc.fit_foreground(h, w, lo, hi) == (height, width)
+    assert 198 <= np.mean(long_sides) <= 202
+
+
+def test_dilo_hard_paste_alpha_blends_raw_saliency():
+    """Hard paste: alpha = mask / 255 on a continuous mask; gaussian: that alpha blurred first."""
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (40, 64, 3), dtype=np.uint8))
+    background = Image.new("RGB", (64, 40), (30, 200, 90))
+    mask = Image.fromarray(np.tile(np.linspace(0, 255, 64).round().astype(np.uint8), (40, 1)))  # a ramp
+
+    def blend(alpha):
+        a = np.asarray(alpha, dtype=np.float64)[..., None] / 255
+        return np.asarray(image) * a + np.asarray(background, dtype=np.float64) * (1 - a)
+
+    hard = np.asarray(dilo.copy_paste(image, mask, background, soft=False)).astype(float)
+    assert np.abs(hard - blend(mask)).max() <= 1
+    soft = np.asarray(dilo.copy_paste(image, mask, background, soft=True)).astype(float)
+    blurred = mask.filter(ImageFilter.GaussianBlur(radius=5))
+    assert np.abs(soft - blend(blurred)).max() <= 1 and np.abs(soft - hard).max() > 5
+
+
+def test_jpeg_draft_keeps_recorded_geometry_exact(tmp_path):
+    """A JPEG much larger than needed decodes at a DCT scale (2400 x 1800 -> 1200 x 900 for 224 px
+    views); DUPR's recorded crop boxes still say exactly where each view pixel comes from."""
+    H, W = 1800, 2400
+    ys, xs = np.mgrid[0:H, 0:W].astype(np.float32) + 0.5
+    ramp = np.stack([xs / W * 255, ys / H * 255, np.full((H, W), 128.0)], -1)  # colour = position
+    (tmp_path / "big").mkdir()
+    Image.fromarray(ramp.round().astype(np.uint8)).save(tmp_path / "big" / "a.jpg", quality=95)
+    Image.fromarray(ramp[::4, ::4].round().astype(np.uint8)[:375, :500]).save(tmp_path / "big" / "b.jpg")
+    source = common.ImageFolderSource(str(tmp_path / "big"), min_side=224)
+    assert source[0][0].size == (1200, 900) and source[1][0].size == (500, 375)  # only the large one shrinks
+    dataset = dupr.TwoViewsWithBoxes(source, dupr.get_args(["--image-size", "224"]))
+    torch.manual_seed(0)
+    errors = []
+    for _ in range(10):
+        image, views = dataset.sample(0)
+        for view, (x0, y0, x1, y1), flipped in views:
+            u = (torch.arange(224) + 0.5) / 224
+            u = 1 - u if flipped else u
+            expected_x = (x0 + u * (x1 - x0)) / image.width * 255  # the recorded box, in decoded pixels
+            expected_y = (y0 + (torch.arange(224) + 0.5) / 224 * (y1 - y0)) / image.height * 255
+            errors.append(max((view[0].float() - expected_x[None, :]).abs().max(),
+                              (view[1].float() - expected_y[:, None]).abs().max()))
+    assert max(errors) <= 3  # JPEG and rounding; a box off by 1% of the image would be 2.5 levels on average
+
+
+@pytest.mark.parametrize("module", ["dilo", "dupr", "detco", "insloc"])
+def test_bench_loader_prints_ms_per_item(module, tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(HERE, f"{module}.py"), "--tiny", "--bench-loader", "4",
+                             "--output-dir", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    line = result.stdout.strip().splitlines()[-1]
+    assert line.endswith("ms/item") and float(line.split()[-2]) > 0, line
+    assert not (tmp_path / "checkpoint.pth").exists()
