@@ -382,10 +382,10 @@ def write_toy_world(out_dir, num_images, split="train", image_size=256, seed=0, 
 # Resuming: a safe reader, ranks that agree, the recipe check, interrupts
 # ---------------------------------------------------------------------------------------
 
-# What MAY differ between a checkpoint's args and the command that resumes it (not what may not,
-# so that a new flag is part of the recipe until someone decides otherwise): loader processes,
-# logging, paths, bf16 on a GPU or fp32 on a CPU, the process count (the batch is global), values
-# derived at start. --epochs may grow (resume_epoch).
+# What MAY differ between a checkpoint's args and the command that resumes it (a list of what may, so
+# that a new flag is part of the recipe until someone decides otherwise): loader processes, logging,
+# paths, bf16 on a GPU or fp32 on a CPU, the process count (the batch is global), values derived at
+# start. --epochs may grow (resume_epoch).
 NOT_RECIPE = ("workers", "print_freq", "output_dir", "resume", "preview", "amp", "world_size", "rank", "is_main",
               "lr_actual", "epochs")
 
@@ -450,11 +450,11 @@ def agreed_checkpoint(method, args):
         dist.all_gather_object(views, views[0])
     if len({found for _, found, _ in views}) > 1:
         groups = {}  # what the ranks found -> [(rank, host, what they see)]
-        for rank, view in enumerate(views):
-            groups.setdefault(view[1], []).append((rank, *view))
+        for rank, (host, found, seen) in enumerate(views):
+            groups.setdefault(found, []).append((rank, host, seen))
         stop("error: the ranks do not resume from the same checkpoint: " + "; ".join(
-            f"rank {', '.join(str(rank) for rank, *_ in ranks)} ({', '.join(sorted({host for _, host, *_ in ranks}))})"
-            f": {ranks[0][3].removeprefix('error: ')}" for ranks in groups.values()) + "; use an --output-dir on a "
+            f"rank {', '.join(str(r) for r, _, _ in group)} ({', '.join(sorted({h for _, h, _ in group}))}): "
+            + group[0][2].removeprefix("error: ") for group in groups.values()) + "; use an --output-dir on a "
             "filesystem all nodes share, or copy the checkpoint to every node (or --resume none on all)")
     if checkpoint is None and found:
         stop(found)
@@ -464,18 +464,20 @@ def agreed_checkpoint(method, args):
 def resume_epoch(checkpoint, args):
     """The epoch to continue with. One line and stop if the command line changes the checkpoint's
     recipe; more --epochs extend the run (the cosine schedule is re-spread over the new total)."""
-    saved, current, show = checkpoint["args"], vars(args), lambda v: " ".join(map(str, v)) if isinstance(v, list) else v
+    saved, current, path = checkpoint["args"], vars(args), checkpoint_path(args)
+    show = lambda value: " ".join(map(str, value)) if isinstance(value, list) else value
     differ = [name for name in saved if name in current and name not in NOT_RECIPE and saved[name] != current[name]]
     differ += ["epochs"] if args.epochs < saved["epochs"] else []  # fewer epochs would jump along the cosine
     if differ:
-        stop(f"error: {checkpoint_path(args)} was trained with another recipe: " + ", ".join(
+        stop(f"error: {path} was trained with another recipe: " + ", ".join(
             f"--{name.replace('_', '-')} {show(saved[name])} (checkpoint) vs {show(current[name])} (command line)"
             for name in differ) + "; use another --output-dir, or --resume none to start over")
     done, epochs = checkpoint["epoch"], args.epochs
     extend = f"; --epochs {saved['epochs']} -> {epochs}: the cosine schedule is re-spread over {epochs} epochs"
-    if args.is_main:  # progress lines count epochs from 0: the next one to train is epoch `done`
-        print(f"nothing to do: {done} of {epochs} epochs done" if done == epochs else f"resumed from "
-              f"{checkpoint_path(args)}: {done} of {epochs} epochs done{extend if epochs > saved['epochs'] else ''}; "
+    if args.is_main and done == epochs:
+        print(f"nothing to do: {done} of {epochs} epochs done", flush=True)
+    elif args.is_main:  # progress lines count epochs from 0: the next one to train is epoch `done`
+        print(f"resumed from {path}: {done} of {epochs} epochs done{extend if epochs > saved['epochs'] else ''}; "
               f"continuing with epoch {done}", flush=True)
     return done
 
