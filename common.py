@@ -7,7 +7,7 @@
   `shuffled_key_forward` (shuffle BN, MoCo sec. 3.3).
 - The data sources: `ImageFolderSource` (any folder of images, ImageNet `train/` aware)
   and `ToyWorld`, the built-in synthetic dataset, with `write_toy_world` (files + COCO json).
-- Resuming: `read_checkpoint`, `agreed_checkpoint`, `resume_epoch`, `stop_interrupted`.
+- Resuming: `read_checkpoint`, `agreed_checkpoint`, `resume_epoch`, `raise_interrupt`, `stop_interrupted`.
 
 Nothing here carries a paper's claim: changing this file must not change one method's
 recipe without changing all of them.
@@ -482,9 +482,16 @@ def resume_epoch(checkpoint, args):
     return done
 
 
+def raise_interrupt(signum, frame):
+    """SIGINT and SIGTERM handler (Ctrl-C; a scheduler, torchrun): a KeyboardInterrupt, which
+    `stop_interrupted` turns into one line. Loader workers that got the same signal may be dead before
+    the loader shuts down: torch's SIGCHLD check would raise then, so it is turned off first."""
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    raise KeyboardInterrupt
+
+
 def stop_interrupted(epoch, args):
     """Ctrl-C or SIGTERM while training `epoch`: one line from the main process, exit 1, no traceback."""
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # loader workers that got the same signal are no news
     path = os.path.join(args.output_dir, "checkpoint.pth")  # what this run has saved, if anything
     done = torch.load(path, weights_only=True, mmap=True)["epoch"] if args.is_main and os.path.isfile(path) else None
     rerun = "rerun the same command" if args.resume == "auto" else "rerun with --resume auto"

@@ -63,7 +63,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image, ImageDraw, ImageFilter
 
 from common import (IMAGENET_MEAN, IMAGENET_STD, MomentumQueue, ResNetTrunk, agreed_checkpoint, ema_update,
-                    open_source, resume_epoch, shuffled_key_forward, stop_interrupted)
+                    open_source, raise_interrupt, resume_epoch, shuffled_key_forward, stop_interrupted)
 
 # ---------------------------------------------------------------------------------------
 # Arguments
@@ -470,7 +470,8 @@ def main(args):
     if len(loader) == 0:
         raise SystemExit(f"error: {len(dataset)} images give no full batch of {args.batch_size}")
     log = make_logger(args)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM (a scheduler, torchrun) ends like Ctrl-C
+    for name in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C; a scheduler or torchrun: one line, no traceback
+        signal.signal(name, raise_interrupt)
     epoch = start_epoch
     try:
         for epoch in range(start_epoch, args.epochs):
