@@ -485,8 +485,9 @@ def resume_epoch(checkpoint, args):
 def raise_interrupt(signum, frame):
     """SIGINT and SIGTERM handler (Ctrl-C; a scheduler, torchrun): a KeyboardInterrupt, which
     `stop_interrupted` turns into one line. Loader workers that got the same signal may be dead before
-    the loader shuts down: torch's SIGCHLD check would raise then, so it is turned off first."""
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    the loader shuts down: torch's SIGCHLD check would raise then, so it is replaced first (by a no-op:
+    Python reports a pending signal whose handler became SIG_DFL as a race)."""
+    signal.signal(signal.SIGCHLD, lambda signum, frame: None)
     raise KeyboardInterrupt
 
 
