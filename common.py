@@ -10,13 +10,19 @@
   and `ToyWorld`, the built-in synthetic dataset, with `write_toy_world` (files + COCO json);
   `HeldOut`, the analysis tools' images with boxes (toy world val or a COCO-format folder).
 - MoCo v2's colour augmentation on the device: `draw_colour` (loader), `photometric` (forward); `bench_loader`.
+- Resuming: `read_checkpoint`, `agreed_checkpoint`, `resume_epoch`, `raise_interrupt`, `stop_interrupted`.
 
 Nothing here carries a paper's claim: changing this file must not change one method's
 recipe without changing all of them.
 """
+import hashlib
 import json
 import math
 import os
+import pickle
+import pickletools
+import signal
+import socket
 import time
 import warnings
 
@@ -526,3 +532,124 @@ def bench_loader(dataset, n):
     for index in range(n):
         dataset[index % len(dataset)]
     print(f"{type(dataset).__name__}: {n} items, loader {1000 * (time.process_time() - start) / n:.2f} ms/item", flush=True)
+# ---------------------------------------------------------------------------------------
+# Resuming: a safe reader, ranks that agree, the recipe check, interrupts
+# ---------------------------------------------------------------------------------------
+
+# What MAY differ between a checkpoint's args and the command that resumes it (a list of what may, so
+# that a new flag is part of the recipe until someone decides otherwise): loader processes, logging,
+# paths, bf16 on a GPU or fp32 on a CPU, the process count (the batch is global), values derived at
+# start. --epochs may grow (resume_epoch).
+NOT_RECIPE = ("workers", "print_freq", "output_dir", "resume", "preview", "amp", "world_size", "rank", "is_main",
+              "lr_actual", "epochs")
+
+
+def checkpoint_path(args):
+    return os.path.join(args.output_dir, "checkpoint.pth") if args.resume in ("auto", "none") else args.resume
+
+
+def read_checkpoint(path, method):
+    """torch.load(weights_only=True) of a `method` checkpoint, or one line saying what the file is not."""
+    if not os.path.isfile(path) or os.path.getsize(path) == 0:
+        what = "a directory" if os.path.isdir(path) else "empty (0 bytes)" if os.path.isfile(path) else None
+        raise SystemExit(f"error: {path}: " + (f"{what}, not a {method} checkpoint" if what else "no such file"))
+    try:
+        with warnings.catch_warnings(action="ignore"):  # torch's notice on the pickle protocol of foreign files
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:  # weights_only met a global (code, a class) or no pickle at all
+        try:  # a plain pickle fails on its protocol before its globals: list its opcodes (runs nothing)
+            with open(path, "rb") as f:
+                code = "GLOBAL" in str(error) or any("GLOBAL" in op.name for op, _, _ in pickletools.genops(f))
+        except ValueError:  # not a pickle
+            code = False
+        raise SystemExit(f"error: {path}: " + ("refused: contains code objects, not only tensors (nothing was "
+                                               "run)" if code else "truncated or not a torch file")) from None
+    except (RuntimeError, EOFError, KeyError, ValueError, OSError):  # a cut zip, text, another format
+        raise SystemExit(f"error: {path}: truncated or not a torch file") from None
+    if not (isinstance(checkpoint, dict) and checkpoint.get("method") == method and "args" in checkpoint):
+        held = (f"a {checkpoint['method']} checkpoint" if isinstance(checkpoint, dict) and "method" in checkpoint
+                else f"a state_dict of {len(checkpoint)} entries, like backbone.pth" if isinstance(checkpoint, dict)
+                else "a bare tensor" if torch.is_tensor(checkpoint) else f"a {type(checkpoint).__name__}")
+        raise SystemExit(f"error: {path}: not a {method} checkpoint (it holds {held}); "
+                         "use another --output-dir, or --resume none to start over")
+    return checkpoint
+
+
+def stop(message):
+    """Stop before training, on every rank; the first process of each node says why."""
+    raise SystemExit(message if int(os.environ.get("LOCAL_RANK", 0)) == 0 else 1)
+
+
+def agreed_checkpoint(method, args):
+    """The checkpoint to resume from (None: start afresh), the same on every rank, or every rank stops.
+
+    NOTE: every rank reads its own --output-dir and the ranks all-gather what they found (host,
+    sha256 of the file), rather than rank 0 loading and broadcasting: with a shared directory (the
+    usual case) this is the torch.load every rank does anyway, and a node whose local disk lacks
+    the file is named in one line instead of being sent state it never wrote (only rank 0 saves).
+    """
+    path, checkpoint, found = checkpoint_path(args), None, None
+    seen = f"no {path}"
+    if args.resume != "none" and (args.resume != "auto" or os.path.exists(path)):
+        try:
+            checkpoint = read_checkpoint(path, method)
+            with open(path, "rb") as f:
+                found = hashlib.file_digest(f, "sha256").hexdigest()[:12]
+            unit = "epoch" if "epoch" in checkpoint else "iteration"  # detect_finetune.py counts iterations
+            seen = f"{path} ({checkpoint[unit]} {unit}s done, sha256 {found})"
+        except SystemExit as error:
+            found = seen = str(error)
+    views = [(socket.gethostname(), found, seen)] * (dist.get_world_size() if dist.is_initialized() else 1)
+    if len(views) > 1:  # a few strings per rank, once, before training
+        dist.all_gather_object(views, views[0])
+    if len({found for _, found, _ in views}) > 1:
+        groups = {}  # what the ranks found -> [(rank, host, what they see)]
+        for rank, (host, found, seen) in enumerate(views):
+            groups.setdefault(found, []).append((rank, host, seen))
+        stop("error: the ranks do not resume from the same checkpoint: " + "; ".join(
+            f"rank {', '.join(str(r) for r, _, _ in group)} ({', '.join(sorted({h for _, h, _ in group}))}): "
+            + group[0][2].removeprefix("error: ") for group in groups.values()) + "; use an --output-dir on a "
+            "filesystem all nodes share, or copy the checkpoint to every node (or --resume none on all)")
+    if checkpoint is None and found:
+        stop(found)
+    return checkpoint
+
+
+def resume_epoch(checkpoint, args):
+    """The epoch to continue with. One line and stop if the command line changes the checkpoint's
+    recipe; more --epochs extend the run (the cosine schedule is re-spread over the new total)."""
+    saved, current, path = checkpoint["args"], vars(args), checkpoint_path(args)
+    show = lambda value: " ".join(map(str, value)) if isinstance(value, list) else value
+    differ = [name for name in saved if name in current and name not in NOT_RECIPE and saved[name] != current[name]]
+    differ += ["epochs"] if args.epochs < saved["epochs"] else []  # fewer epochs would jump along the cosine
+    if differ:
+        stop(f"error: {path} was trained with another recipe: " + ", ".join(
+            f"--{name.replace('_', '-')} {show(saved[name])} (checkpoint) vs {show(current[name])} (command line)"
+            for name in differ) + "; use another --output-dir, or --resume none to start over")
+    done, epochs = checkpoint["epoch"], args.epochs
+    extend = f"; --epochs {saved['epochs']} -> {epochs}: the cosine schedule is re-spread over {epochs} epochs"
+    if args.is_main and done == epochs:
+        print(f"nothing to do: {done} of {epochs} epochs done", flush=True)
+    elif args.is_main:  # progress lines count epochs from 0: the next one to train is epoch `done`
+        print(f"resumed from {path}: {done} of {epochs} epochs done{extend if epochs > saved['epochs'] else ''}; "
+              f"continuing with epoch {done}", flush=True)
+    return done
+
+
+def raise_interrupt(signum, frame):
+    """SIGINT and SIGTERM handler (Ctrl-C; a scheduler, torchrun): a KeyboardInterrupt, which
+    `stop_interrupted` turns into one line. Loader workers that got the same signal may be dead before
+    the loader shuts down: torch's SIGCHLD check would raise then, so it is replaced first (by a no-op:
+    Python reports a pending signal whose handler became SIG_DFL as a race)."""
+    signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+    raise KeyboardInterrupt
+
+
+def stop_interrupted(epoch, args):
+    """Ctrl-C or SIGTERM while training `epoch`: one line from the main process, exit 1, no traceback."""
+    path = os.path.join(args.output_dir, "checkpoint.pth")  # what this run has saved, if anything
+    done = torch.load(path, weights_only=True, mmap=True)["epoch"] if args.is_main and os.path.isfile(path) else None
+    rerun = "rerun the same command" if args.resume == "auto" else "rerun with --resume auto"
+    raise SystemExit(1 if not args.is_main else f"interrupted in epoch {epoch}; " + (
+        f"checkpoint has {done} epochs done; {rerun} to resume" if done is not None
+        else f"no checkpoint in {args.output_dir} yet; {rerun} to start again"))

@@ -51,6 +51,7 @@ import math
 import os
 import random
 import resource
+import signal
 import time
 
 import numpy as np
@@ -62,8 +63,9 @@ import torchvision.transforms as T
 import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageDraw
 
-from common import (IMAGENET_MEAN, IMAGENET_STD, MomentumQueue, ResNetTrunk, bench_loader, draw_colour, ema_update,
-                    open_source, photometric, shuffled_key_forward)
+from common import (IMAGENET_MEAN, IMAGENET_STD, MomentumQueue, ResNetTrunk, agreed_checkpoint, bench_loader,
+                    draw_colour, ema_update, open_source, photometric, raise_interrupt, resume_epoch,
+                    shuffled_key_forward, stop_interrupted)
 
 # ---------------------------------------------------------------------------------------
 # Arguments
@@ -357,20 +359,14 @@ def make_logger(args):
 
 
 def load_checkpoint(model, optimizer, args):
-    path = os.path.join(args.output_dir, "checkpoint.pth") if args.resume == "auto" else args.resume
-    if args.resume == "none" or not os.path.exists(path):
-        if args.resume not in ("auto", "none"):
-            raise SystemExit(f"error: --resume {path}: no such file")
+    """The epoch to start from: 0, or that of the checkpoint all ranks agree on, if its recipe is ours."""
+    checkpoint = agreed_checkpoint("detco", args)
+    if checkpoint is None:
         return 0
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    if checkpoint.get("method") != "detco" or checkpoint["args"]["arch"] != args.arch:
-        raise SystemExit(f"error: {path} is a {checkpoint.get('method')} {checkpoint['args']['arch']} checkpoint, "
-                         f"not detco {args.arch}; use another --output-dir or --resume none")
+    start_epoch = resume_epoch(checkpoint, args)
     model.load_state_dict(checkpoint["model"])
     optimizer.load_state_dict(checkpoint["optimizer"])
-    if args.is_main:
-        print(f"resumed from {path} (epoch {checkpoint['epoch']} done)")
-    return checkpoint["epoch"]
+    return start_epoch
 
 
 def save_checkpoint(model, optimizer, epoch, args):
@@ -455,6 +451,8 @@ def main(args):
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=args.lr_actual, momentum=0.9, weight_decay=args.wd)
     start_epoch = load_checkpoint(model, optimizer, args)
+    if start_epoch == args.epochs:  # a finished run: resume_epoch said "nothing to do"
+        return dist.destroy_process_group() if args.world_size > 1 else None
     if args.is_main:
         count = lambda module: sum(p.numel() for p in module.parameters())
         print(f"world size {args.world_size}, device {args.device}, global batch {args.batch_size}, "
@@ -473,13 +471,19 @@ def main(args):
     if len(loader) == 0:
         raise SystemExit(f"error: {len(dataset)} images give no full batch of {args.batch_size}")
     log = make_logger(args)
-    for epoch in range(start_epoch, args.epochs):
-        seed_everything(args.seed + 1000 * (epoch + 1) + args.rank)
-        sampler.set_epoch(epoch)
-        stats = train_one_epoch(ddp_model, loader, optimizer, epoch, args, log)
-        if args.is_main:
-            save_checkpoint(model, optimizer, epoch + 1, args)
-            log({"epoch": epoch, **stats})
+    for name in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C; a scheduler or torchrun: one line, no traceback
+        signal.signal(name, raise_interrupt)
+    epoch = start_epoch
+    try:
+        for epoch in range(start_epoch, args.epochs):
+            seed_everything(args.seed + 1000 * (epoch + 1) + args.rank)
+            sampler.set_epoch(epoch)
+            stats = train_one_epoch(ddp_model, loader, optimizer, epoch, args, log)
+            if args.is_main:
+                save_checkpoint(model, optimizer, epoch + 1, args)
+                log({"epoch": epoch, **stats})
+    except KeyboardInterrupt:
+        stop_interrupted(epoch, args)
     if args.world_size > 1:
         dist.destroy_process_group()
 

@@ -88,7 +88,8 @@ from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCN
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from common import IMAGENET_MEAN, IMAGENET_STD, TOY_CATEGORIES, ResNetTrunk, ToyWorld, to_rgb
+from common import (IMAGENET_MEAN, IMAGENET_STD, TOY_CATEGORIES, ResNetTrunk, ToyWorld, agreed_checkpoint,
+                    checkpoint_path, stop, to_rgb)
 
 # ---------------------------------------------------------------------------------------
 # Arguments
@@ -1232,20 +1233,18 @@ def make_logger(args):
 
 
 def load_checkpoint(model, optimizer, args):
-    path = os.path.join(args.output_dir, "checkpoint.pth") if args.resume == "auto" else args.resume
-    if args.resume == "none" or not os.path.exists(path):
-        if args.resume not in ("auto", "none"):
-            raise SystemExit(f"error: --resume {path}: no such file")
+    """The iteration to start from: 0, or that of the checkpoint all ranks agree on (common.py)."""
+    checkpoint = agreed_checkpoint("detect", args)
+    if checkpoint is None:
         return 0
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    saved = checkpoint.get("args", {})
-    if checkpoint.get("method") != "detect" or (saved.get("model"), saved.get("arch")) != (args.model, args.arch):
-        raise SystemExit(f"error: {path} is a {checkpoint.get('method')} {saved.get('model')} {saved.get('arch')} checkpoint, "
-                         f"not detect {args.model} {args.arch}; use another --output-dir or --resume none")
+    path, saved = checkpoint_path(args), checkpoint["args"]
+    if (saved.get("model"), saved.get("arch")) != (args.model, args.arch):
+        stop(f"error: {path} is a detect {saved.get('model')} {saved.get('arch')} checkpoint, not {args.model} {args.arch}; "
+             "use another --output-dir, or --resume none to start over")
     model.load_state_dict(checkpoint["model"])
     optimizer.load_state_dict(checkpoint["optimizer"])
-    if args.is_main:
-        print(f"resumed from {path} (iteration {checkpoint['iteration']} done)")
+    if args.is_main:  # progress lines count iterations done: the next one shown is iteration + 1
+        print(f"resumed from {path}: {checkpoint['iteration']} of {args.iters} iterations done")
     return checkpoint["iteration"]
 
 

@@ -47,6 +47,7 @@ import math
 import os
 import random
 import resource
+import signal
 import time
 from collections import OrderedDict
 
@@ -61,8 +62,9 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageDraw
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
 
-from common import (IMAGENET_MEAN, IMAGENET_STD, HeldOut, MomentumQueue, ResNetTrunk, bench_loader, draw_colour,
-                    ema_update, load_backbone, open_source, photometric, roi_align_boxes, shuffled_key_forward)
+from common import (HeldOut, IMAGENET_MEAN, IMAGENET_STD, MomentumQueue, ResNetTrunk, agreed_checkpoint, bench_loader,
+                    draw_colour, ema_update, load_backbone, open_source, photometric, raise_interrupt, resume_epoch,
+                    roi_align_boxes, shuffled_key_forward, stop_interrupted)
 
 # ---------------------------------------------------------------------------------------
 # Arguments
@@ -568,23 +570,14 @@ def make_logger(args):
 
 
 def load_checkpoint(model, optimizer, args):
-    path = os.path.join(args.output_dir, "checkpoint.pth") if args.resume == "auto" else args.resume
-    if args.resume == "none" or not os.path.exists(path):
-        if args.resume not in ("auto", "none"):
-            raise SystemExit(f"error: --resume {path}: no such file")
+    """The epoch to start from: 0, or that of the checkpoint all ranks agree on, if its recipe is ours."""
+    checkpoint = agreed_checkpoint("insloc", args)
+    if checkpoint is None:
         return 0
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    if checkpoint.get("method") != "insloc" or checkpoint["args"]["arch"] != args.arch:
-        raise SystemExit(f"error: {path} is a {checkpoint.get('method')} {checkpoint['args']['arch']} checkpoint, "
-                         f"not insloc {args.arch}; use another --output-dir or --resume none")
-    if checkpoint["args"].get("variant") != args.variant:  # the two variants have different modules
-        raise SystemExit(f"error: {path} is an insloc --variant {checkpoint['args'].get('variant')} checkpoint, "
-                         f"not {args.variant}; use another --output-dir or --resume none")
+    start_epoch = resume_epoch(checkpoint, args)
     model.load_state_dict(checkpoint["model"])
     optimizer.load_state_dict(checkpoint["optimizer"])
-    if args.is_main:
-        print(f"resumed from {path} (epoch {checkpoint['epoch']} done)")
-    return checkpoint["epoch"]
+    return start_epoch
 
 
 def save_checkpoint(model, optimizer, epoch, args):
@@ -656,6 +649,8 @@ def main(args):
               {"params": heads, "lr_scale": args.head_lr_scale}]
     optimizer = torch.optim.SGD(groups, lr=args.lr_actual, momentum=0.9, nesterov=True, weight_decay=args.wd)
     start_epoch = load_checkpoint(model, optimizer, args)
+    if start_epoch == args.epochs:  # a finished run: resume_epoch said "nothing to do"
+        return dist.destroy_process_group() if args.world_size > 1 else None
     optimizer.param_groups[1]["lr_scale"] = args.head_lr_scale  # the flag, not the checkpoint's value
     if args.is_main:
         count = lambda module: sum(p.numel() for p in module.parameters())
@@ -672,13 +667,19 @@ def main(args):
     if len(loader) == 0:
         raise SystemExit(f"error: {len(dataset)} images give no full batch of {args.batch_size}")
     log = make_logger(args)
-    for epoch in range(start_epoch, args.epochs):
-        seed_everything(args.seed + 1000 * (epoch + 1) + args.rank)
-        sampler.set_epoch(epoch)
-        stats = train_one_epoch(ddp_model, loader, optimizer, epoch, args, log)
-        if args.is_main:
-            save_checkpoint(model, optimizer, epoch + 1, args)
-            log({"epoch": epoch, **stats})
+    for name in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C; a scheduler or torchrun: one line, no traceback
+        signal.signal(name, raise_interrupt)
+    epoch = start_epoch
+    try:
+        for epoch in range(start_epoch, args.epochs):
+            seed_everything(args.seed + 1000 * (epoch + 1) + args.rank)
+            sampler.set_epoch(epoch)
+            stats = train_one_epoch(ddp_model, loader, optimizer, epoch, args, log)
+            if args.is_main:
+                save_checkpoint(model, optimizer, epoch + 1, args)
+                log({"epoch": epoch, **stats})
+    except KeyboardInterrupt:
+        stop_interrupted(epoch, args)
     if args.world_size > 1:
         dist.destroy_process_group()
 
