@@ -427,7 +427,7 @@ def plot_log(log_path, png_path, width=960, height=640):
     accuracies (bottom, 0..1) against the step, epoch * steps + iteration + 1. PIL only."""
     with open(log_path) as f:
         rows = [row for row in map(json.loads, f) if "iteration" in row]
-    not_terms = ("epoch", "iteration", "steps", "lr", "img_per_s", "data_time", "step_time", "memory_mb", "eta_s")
+    not_terms = ("epoch", "iteration", "steps", "lr", "img_per_s", "data_time", "step_time", "memory_mb", "eta_s", "elapsed_s")
     names = [name for name, value in (rows or [{}])[0].items() if isinstance(value, float) and name not in not_terms]
     steps = [row["epoch"] * row["steps"] + row["iteration"] + 1 for row in rows] or [0]
     image, (left, right) = Image.new("RGB", (width, height), "white"), (70, width - 170)  # legend on the right
@@ -443,7 +443,7 @@ def plot_log(log_path, png_path, width=960, height=640):
                                     f"against step {steps[0]} (left) to {steps[-1]} (right)", fill="black")
         for i, name in enumerate(series):
             points = [to_xy(step, row[name]) for step, row in zip(steps, rows) if math.isfinite(row.get(name, math.nan))]
-            colour = f"hsl({37 * i % 360}, 90%, 40%)"  # hues 37 degrees apart
+            colour = f"hsl({int(137.5 * i) % 360}, 90%, 40%)"  # the golden angle: neighbours differ most
             draw.line(points + points[-1:], fill=colour, width=2)  # a lone point draws a dot
             draw.text((right + 8, top + 13 * i), name, fill=colour)
     image.save(png_path)
