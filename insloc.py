@@ -118,8 +118,10 @@ def get_args(argv=None):
     if args.head_lr_scale is None:  # NOTE above TINY: FPN's head collapses at tiny with the paper's lr
         args.head_lr_scale = 0.01 if args.tiny and args.variant == "fpn" else 1.0
     check_args(parser, args)
-    if not 0 < args.fg_ratio[0] <= args.fg_ratio[1] or args.head_lr_scale < 0:
-        parser.error(f"--fg-ratio {args.fg_ratio} --head-lr-scale {args.head_lr_scale}: need 0 < MIN <= MAX and a scale >= 0")
+    if not 0 < args.fg_ratio[0] <= args.fg_ratio[1]:
+        parser.error(f"--fg-ratio {args.fg_ratio[0]} {args.fg_ratio[1]}: need 0 < MIN <= MAX")
+    if args.head_lr_scale < 0:
+        parser.error(f"--head-lr-scale {args.head_lr_scale}: must be >= 0")
     return args
 
 

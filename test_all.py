@@ -11,6 +11,8 @@ import os
 import pickle
 import subprocess
 import sys
+import time
+import warnings
 
 import numpy as np
 import pytest
@@ -209,11 +211,13 @@ def test_bad_input(tmp_path):
     corrupt = source.paths.index(os.path.join("class_a", "corrupt.jpg"))
     with pytest.warns(UserWarning, match="corrupt.jpg"):
         image, target = source[corrupt]
-    assert target["path"] != source.paths[corrupt] and int(source.failures) == 1
-    source.failures += 1  # a second failure among 125 images is over 1%
-    with pytest.raises(RuntimeError, match="more than 1%"):
-        with pytest.warns(UserWarning):
-            source[corrupt]
+    assert target["path"] != source.paths[corrupt] and int(source.unreadable.sum()) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # remembered: skipped without a new warning
+        assert source[corrupt][1]["path"] == target["path"]
+    source.unreadable[0] = 1  # a second distinct unreadable file among 125 images is over 1%
+    with pytest.raises(common.UnreadableImages, match="2 of 125 images"):
+        common.check_unreadable(source)
 
 
 # ---------------------------------------------------------------------------------------
@@ -1457,3 +1461,156 @@ def test_detect_sampler_groups_and_resumes_and_schedule(tmp_path):
 
 if __name__ == "__main__":
     sys.exit(pytest.main(["-q", __file__]))
+
+
+# --- long-run safety: data, flags, logs (issue 17) ---
+
+import detco  # noqa: E402
+import insloc  # noqa: E402
+
+TRAINERS = {"dilo": dilo, "dupr": dupr, "detco": detco, "insloc": insloc}
+_QUIET = ["--image-size", "32", "--batch-size", "32", "--queue-size", "32", "--bn-batch", "8", "--paste-prob", "0"]
+
+
+def _folder_with_unreadable(tmp_path, good, bad):
+    folder = tmp_path / "data" / "train"
+    folder.mkdir(parents=True)
+    world = common.ToyWorld(good, 40)
+    for i in range(good):
+        world[i][0].save(folder / f"{i:03d}.png")
+    for i in range(bad):
+        (folder / f"bad{i}.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    return str(tmp_path / "data")
+
+
+def _run_trainer(args, tmp_path, nproc=1):
+    launcher = ["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29671"] if nproc == 2 else []
+    command = [sys.executable] + launcher + [os.path.join(HERE, "dilo.py"), "--tiny", "--output-dir", str(tmp_path / "run")]
+    return subprocess.run(command + args, capture_output=True, text=True, timeout=600, cwd=HERE,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_one_unreadable_image_in_161_is_skipped_once_over_3_epochs(tmp_path):
+    """Workers are forked anew every epoch: the bad file is remembered, warned about once, never retried."""
+    data = _folder_with_unreadable(tmp_path, 160, 1)
+    result = _run_trainer(_QUIET + ["--data", data, "--epochs", "3", "--workers", "2"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.count("skipping unreadable image") == 1
+    assert [r["epoch"] for r in read_log(tmp_path / "run" / "log.jsonl") if "checkpoint" in r] == [0, 1, 2]
+
+
+def test_unreadable_images_over_1_percent_abort_with_one_line(tmp_path):
+    data = _folder_with_unreadable(tmp_path, 39, 2)
+    result = _run_trainer(_QUIET + ["--data", data, "--batch-size", "8", "--epochs", "2", "--workers", "2"], tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert "of 41 images under" in result.stderr.strip().splitlines()[-1] and result.stderr.count("error: ") == 1
+
+
+def test_unreadable_images_are_shared_between_ranks_and_no_ddp_warning(tmp_path):
+    """Two ranks, 1 bad file in 101, 3 epochs: warned once in all (the flags are ORed over ranks at
+    epoch ends), and DDP's construction prints no FutureWarning about broadcast_buffers."""
+    data = _folder_with_unreadable(tmp_path, 100, 1)
+    result = _run_trainer(_QUIET + ["--data", data, "--epochs", "3", "--workers", "1"], tmp_path, nproc=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.count("skipping unreadable image") == 1
+    assert "broadcast_buffers" not in result.stderr and "FutureWarning" not in result.stderr
+
+
+REJECTED = [("--lr", "-0.1"), ("--lr", "0"), ("--ema", "1.5"), ("--ema", "1"), ("--temperature", "0"),
+            ("--queue-size", "0"), ("--queue-size", "16"), ("--batch-size", "0"), ("--bn-batch", "7"),
+            ("--bn-batch", "1"), ("--image-size", "16"), ("--epochs", "0"), ("--steps", "-1"), ("--wd", "-1")]
+METHOD_REJECTED = {"dilo": [("--paste-prob", "1.5")], "dupr": [("--alpha", "0", "0", "0", "0", "--beta", "0", "0", "0", "0"),
+                                                               ("--roi-size", "0", "7", "7", "7")],
+                   "detco": [("--level-weights", "-1", "1", "1", "1")],
+                   "insloc": [("--fg-ratio", "2", "1"), ("--head-lr-scale", "-1")]}
+
+
+@pytest.mark.parametrize("name", TRAINERS)
+def test_out_of_range_flags_give_one_argparse_line(name, tmp_path, capsys, monkeypatch):
+    module = TRAINERS[name]
+    for flags in REJECTED + METHOD_REJECTED[name]:
+        with pytest.raises(SystemExit) as exit_info:
+            module.get_args(["--tiny"] + list(flags))
+        error = capsys.readouterr().err.strip().splitlines()[-1]
+        assert exit_info.value.code == 2 and ": error: " in error and flags[0] in error, (flags, error)
+    monkeypatch.setenv("WORLD_SIZE", "3")  # torchrun's, read at parse time
+    with pytest.raises(SystemExit):
+        module.get_args(["--tiny"])  # batch 32 over 3 processes
+    assert "divide by the world size 3" in capsys.readouterr().err
+
+
+def test_rejected_flag_as_a_user_sees_it_and_no_output_dir(tmp_path):
+    for flags in (["--lr", "-0.1"], ["--bn-batch", "7"], ["--data", str(tmp_path / "missing")]):
+        result = _run_trainer(flags, tmp_path)
+        assert result.returncode in (1, 2) and "Traceback" not in result.stderr, result.stderr
+        assert "error: " in result.stderr.strip().splitlines()[-1]
+        assert not (tmp_path / "run").exists()  # a run that fails early leaves no directory behind
+    with pytest.raises(SystemExit, match="no checkpoint was written yet"):
+        dilo.main(dilo.get_args(SMALL + ["--lr", "1e30", "--steps", "3", "--output-dir", str(tmp_path / "nan")]))
+
+
+def test_every_flag_has_help_and_one_default(capsys):
+    for name, module in TRAINERS.items():
+        with pytest.raises(SystemExit):
+            module.get_args(["-h"])
+        options = capsys.readouterr().out.split("options:")[1]
+        entries = [e for e in options.split("\n  -") if e.strip() and not e.startswith("h, --help")]
+        for entry in entries:
+            assert len(entry.split(None, 2)) > 1 and entry.count("(default:") == 1, (name, entry)
+
+
+def test_dilo_saliency_errors_name_the_way_out(tmp_path):
+    (tmp_path / "masks").mkdir()
+    with pytest.raises(SystemExit, match="--data synthetic has no files: use --saliency gt"):
+        dilo.main(dilo.get_args(SMALL + ["--saliency", str(tmp_path / "masks"), "--output-dir", str(tmp_path / "a")]))
+    common.write_toy_world(str(tmp_path / "data"), 4, "train", image_size=48)
+    with pytest.raises(SystemExit) as exit_info:
+        dilo.main(dilo.get_args(SMALL + ["--data", str(tmp_path / "data"), "--output-dir", str(tmp_path / "b")]))
+    assert "--make-saliency" in str(exit_info.value) and "--saliency rbd" in str(exit_info.value)
+
+
+def test_logs_carry_time_and_whole_run_eta_and_a_resume_drops_redone_rows(tmp_path, monkeypatch, capsys):
+    args = SMALL + ["--steps", "2", "--epochs", "2", "--output-dir", str(tmp_path)]
+    train_one_epoch = dilo.train_one_epoch
+
+    def killed_after_epoch_1_logged(model, loader, optimizer, epoch, *rest):
+        stats = train_one_epoch(model, loader, optimizer, epoch, *rest)
+        if epoch == 1:  # its progress rows are written, its checkpoint is not
+            raise KeyboardInterrupt
+        return stats
+
+    monkeypatch.setattr(dilo, "train_one_epoch", killed_after_epoch_1_logged)
+    with pytest.raises((KeyboardInterrupt, SystemExit)):
+        dilo.main(dilo.get_args(args))
+    monkeypatch.undo()
+    first = read_log(tmp_path / "log.jsonl")
+    assert [(r["epoch"], r["iteration"]) for r in first if "iteration" in r] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    start = first[0]
+    assert start["event"] == "start" and start["world_size"] == 1 and start["torch"] == torch.__version__
+    assert start["args"]["lr"] == 0.03 and start["args"]["output_dir"] == str(tmp_path)
+    step = first[1]  # 1 of 4 steps of the run done: the ETA is for the other 3
+    assert step["eta_s"] == pytest.approx(3 * step["elapsed_s"]) and step["time"].startswith(time.strftime("%Y-"))
+    capsys.readouterr()
+    dilo.main(dilo.get_args(args))
+    rows = read_log(tmp_path / "log.jsonl")
+    assert all("time" in r and "elapsed_s" in r for r in rows)
+    assert [r.get("event") for r in rows if "event" in r] == ["start", "resume", "done"]
+    keys = [(r["epoch"], r["iteration"]) for r in rows if "iteration" in r]
+    assert keys == [(0, 0), (0, 1), (1, 0), (1, 1)]  # epoch 2's rows of the killed run were dropped
+    assert [r["epoch"] for r in rows if "checkpoint" in r] == [0, 1]
+    lines = capsys.readouterr().out.splitlines()
+    progress = [line for line in lines if "img/s" in line]
+    assert len(progress) == 2 and all(len(line) < 160 for line in progress)
+    assert all(word in progress[0] for word in ("epoch 2/2 [1/2]", "loss", "acc", "lr", "data", "mem", "eta"))
+    assert any("saved" in line and "checkpoint.pth" in line for line in lines)
+    assert lines[-1].startswith("done: epochs 2-2 in ") and str(tmp_path) in lines[-1]
+    # loss.png: every term against step, drawn from log.jsonl
+    png = Image.open(tmp_path / "loss.png")
+    assert png.format == "PNG" and png.size == (960, 640)
+    changed = tmp_path / "changed.jsonl"
+    changed.write_text("".join(json.dumps({**r, "loss": r["loss"] * 2} if "iteration" in r else r) + "\n" for r in rows))
+    common.plot_log(str(changed), str(tmp_path / "changed.png"))
+    common.plot_log(str(tmp_path / "log.jsonl"), str(tmp_path / "again.png"))
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "again.png")), np.asarray(png))
+    assert not np.array_equal(np.asarray(Image.open(tmp_path / "changed.png")), np.asarray(png))
