@@ -1484,7 +1484,7 @@ def _folder_with_unreadable(tmp_path, good, bad):
 
 
 def _run_trainer(args, tmp_path, nproc=1):
-    launcher = ["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29671"] if nproc == 2 else []
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if nproc == 2 else []  # a free port
     command = [sys.executable] + launcher + [os.path.join(HERE, "dilo.py"), "--tiny", "--output-dir", str(tmp_path / "run")]
     return subprocess.run(command + args, capture_output=True, text=True, timeout=600, cwd=HERE,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
