@@ -954,7 +954,8 @@ def test_insloc_c4_trains_and_preview(tmp_path):
 
 
 def test_insloc_two_processes_identical_ranks(tmp_path):
-    run_two_ranks("insloc", "InsLoc", 1, 29641, ["--steps", "3", "--batch-size", "8", "--image-size", "32"], tmp_path)
+    run_two_ranks("insloc", "InsLoc", 1, 29641, ["--steps", "3", "--batch-size", "8", "--image-size", "32", "--bn-batch", "4"],
+                  tmp_path)
 
 
 @pytest.mark.parametrize("module, model_class, views_class, extra, term_count", [
@@ -1541,7 +1542,7 @@ def test_out_of_range_flags_give_one_argparse_line(name, tmp_path, capsys, monke
 
 
 def test_rejected_flag_as_a_user_sees_it_and_no_output_dir(tmp_path):
-    result = _run_trainer(["--bn-batch", "7"], tmp_path)
+    result = _run_trainer(["--bn-batch", "7", "--epochs", "1", "--steps", "1"], tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == ("dilo.py: error: --bn-batch 7: must be >= 2 and divide the "
                                                       "per-process batch 32 (--batch-size 32 over 1 processes)")
