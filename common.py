@@ -11,6 +11,7 @@
   `HeldOut`, the analysis tools' images with boxes (toy world val or a COCO-format folder).
 - MoCo v2's colour augmentation on the device: `draw_colour` (loader), `photometric` (forward); `bench_loader`.
 - Resuming: `read_checkpoint`, `agreed_checkpoint`, `resume_epoch`, `raise_interrupt`, `stop_interrupted`.
+- Plumbing: `check_args` (the shared flags' ranges) and `plot_log` (loss.png from log.jsonl).
 
 Nothing here carries a paper's claim: changing this file must not change one method's
 recipe without changing all of them.
@@ -32,7 +33,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-from PIL import Image
+from PIL import Image, ImageDraw
 
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -235,8 +236,8 @@ def upscale_to(image, min_side):
 class ImageFolderSource(torch.utils.data.Dataset):
     """All images under `root` (recursively; `root/train` if it exists). Labels unused.
 
-    An unreadable file is warned about once, counted, and replaced by another image; more
-    than 1% failures aborts with a clear message. target = {"path": path relative to root}.
+    An unreadable file is warned about once and replaced by the next readable one; more than 1%
+    distinct unreadable files abort (UnreadableImages). target = {"path": path relative to root}.
     With `min_side`, JPEGs decode at 1/2, 1/4 or 1/8 scale (PIL draft) while the shorter side stays
     >= min_side / sqrt(0.2 * 3/4), so MoCo v2's smallest crop keeps min_side pixels a side.
     """
@@ -254,8 +255,10 @@ class ImageFolderSource(torch.utils.data.Dataset):
             if name.lower().endswith(IMAGE_EXTENSIONS))
         if not self.paths:
             raise SystemExit(f"error: --data {root}: no images ({', '.join(IMAGE_EXTENSIONS)}) found")
-        # Shared with DataLoader workers, so the 1% rule sees every worker's failures.
-        self.failures = torch.zeros(1, dtype=torch.long).share_memory_()
+        # A flag per file in shared memory: the DataLoader workers (forked anew each epoch) all write
+        # here, so a bad file is skipped quietly by every later worker and epoch; check_unreadable ORs
+        # the flags over ranks at epoch ends. The 1% rule counts these distinct files.
+        self.unreadable = torch.zeros(len(self.paths), dtype=torch.uint8).share_memory_()
 
     def __len__(self):
         return len(self.paths)
@@ -271,15 +274,35 @@ class ImageFolderSource(torch.utils.data.Dataset):
     def __getitem__(self, index):
         for attempt in range(len(self.paths)):
             i = (index + attempt) % len(self.paths)
+            if self.unreadable[i]:  # found unreadable before, by any worker, epoch or rank
+                continue
             try:
                 return self.load(i), {"path": self.paths[i]}
             except (OSError, ValueError, SyntaxError) as error:  # what PIL raises on bad files
-                self.failures += 1
+                self.unreadable[i] = 1
                 warnings.warn(f"skipping unreadable image {os.path.join(self.root, self.paths[i])}: {error}")
-                if self.failures.item() > 0.01 * len(self.paths):
-                    raise RuntimeError(f"more than 1% of the images under {self.root} are unreadable "
-                                       f"({self.failures.item()} of {len(self.paths)}); check the data")
-        raise RuntimeError(f"no readable image under {self.root}")
+                check_unreadable(self)
+        raise UnreadableImages(f"error: no readable image under {self.root}")
+
+
+class UnreadableImages(Exception):
+    """Keeps one line: from a worker it comes as UnreadableImages("Caught ... Traceback ... error: ...")."""
+
+    def __init__(self, message):
+        line = message.strip().splitlines()[-1]
+        super().__init__(line[line.find("error: "):])
+
+
+def check_unreadable(source, device=None):
+    """The 1% rule; with a device (epoch ends) first OR the flags over ranks, which see different files."""
+    if not isinstance(source, ImageFolderSource):
+        return
+    if device is not None and world_size() > 1:
+        flags = source.unreadable.to(device)  # NCCL reduces CUDA tensors only
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        source.unreadable.copy_(flags.cpu())
+    if (count := int(source.unreadable.sum())) > 0.01 * len(source):
+        raise UnreadableImages(f"error: {count} of {len(source)} images under {source.root} are unreadable (over 1%)")
 
 
 TOY_CATEGORIES = ("circle", "square", "triangle", "star", "ring", "cross", "ellipse", "diamond")
@@ -630,9 +653,9 @@ def resume_epoch(checkpoint, args):
     extend = f"; --epochs {saved['epochs']} -> {epochs}: the cosine schedule is re-spread over {epochs} epochs"
     if args.is_main and done == epochs:
         print(f"nothing to do: {done} of {epochs} epochs done", flush=True)
-    elif args.is_main:  # progress lines count epochs from 0: the next one to train is epoch `done`
+    elif args.is_main:  # progress lines count epochs from 1: the next one to train is epoch done + 1
         print(f"resumed from {path}: {done} of {epochs} epochs done{extend if epochs > saved['epochs'] else ''}; "
-              f"continuing with epoch {done}", flush=True)
+              f"continuing with epoch {done + 1}", flush=True)
     return done
 
 
@@ -650,6 +673,59 @@ def stop_interrupted(epoch, args):
     path = os.path.join(args.output_dir, "checkpoint.pth")  # what this run has saved, if anything
     done = torch.load(path, weights_only=True, mmap=True)["epoch"] if args.is_main and os.path.isfile(path) else None
     rerun = "rerun the same command" if args.resume == "auto" else "rerun with --resume auto"
-    raise SystemExit(1 if not args.is_main else f"interrupted in epoch {epoch}; " + (
+    raise SystemExit(1 if not args.is_main else f"interrupted in epoch {epoch + 1}; " + (  # 1-based, as progress lines
         f"checkpoint has {done} epochs done; {rerun} to resume" if done is not None
         else f"no checkpoint in {args.output_dir} yet; {rerun} to start again"))
+
+
+# ---------------------------------------------------------------------------------------
+# Plumbing of every trainer: flag checks, loss.png
+# ---------------------------------------------------------------------------------------
+
+
+def check_args(parser, args):
+    """parser.error (one line, exit 2) on the first out-of-range shared flag; WORLD_SIZE is torchrun's."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    local = args.batch_size // world
+    for wrong, message in (
+            (args.lr <= 0, f"--lr {args.lr}: must be > 0"), (args.wd < 0, f"--wd {args.wd}: must be >= 0"),
+            (not 0 <= args.ema < 1, f"--ema {args.ema}: the key encoder momentum m must be in [0, 1)"),
+            (args.temperature <= 0, f"--temperature {args.temperature}: tau must be > 0"),
+            (min(args.epochs - 1, args.print_freq - 1, args.steps, args.workers, args.preview) < 0,
+             "--epochs and --print-freq must be >= 1; --steps, --workers and --preview >= 0"),
+            (args.batch_size < 1 or args.batch_size % world,
+             f"--batch-size {args.batch_size}: must be > 0 and divide by the world size {world}"),
+            (args.bn_batch < 2 or local % args.bn_batch, f"--bn-batch {args.bn_batch}: must be >= 2 and divide "
+             f"the per-process batch {local} (--batch-size {args.batch_size} over {world} processes)"),
+            # MomentumQueue wraps around, so any K works, but one below a step's keys is no dictionary.
+            (args.queue_size < args.batch_size, f"--queue-size {args.queue_size}: K must be >= the global batch"),
+            (args.image_size < 32, f"--image-size {args.image_size}: must be >= 32, one cell of the stride-32 map")):
+        if wrong:
+            parser.error(message)
+
+
+def plot_log(log_path, png_path, width=960, height=640):
+    """loss.png from log.jsonl's progress rows: the loss terms (top, with the data statistics) and
+    accuracies (bottom, 0..1) against the step, epoch * steps + iteration + 1. PIL only."""
+    with open(log_path) as f:
+        rows = [row for row in map(json.loads, f) if "iteration" in row]
+    not_terms = ("epoch", "iteration", "steps", "lr", "img_per_s", "data_time", "step_time", "memory_mb", "eta_s", "elapsed_s")
+    names = [name for name, value in (rows or [{}])[0].items() if isinstance(value, float) and name not in not_terms]
+    steps = [row["epoch"] * row["steps"] + row["iteration"] + 1 for row in rows] or [0]
+    image, (left, right) = Image.new("RGB", (width, height), "white"), (70, width - 170)  # legend on the right
+    draw = ImageDraw.Draw(image)
+    for p, series in enumerate(([n for n in names if not n.startswith("acc")], [n for n in names if n.startswith("acc")])):
+        top, bottom = 24 + p * height // 2, (p + 1) * height // 2 - 24
+        values = [row[n] for row in rows for n in series if math.isfinite(row.get(n, math.nan))]
+        lo, hi = (0.0, 1.0) if p or not values else (min(values), max(values) + 1e-6)
+        to_xy = lambda step, v: (left + (right - left) * (step - steps[0]) / max(steps[-1] - steps[0], 1),
+                                 bottom - (bottom - top) * (v - lo) / (hi - lo))
+        draw.rectangle((left, top, right, bottom), outline="black")
+        draw.text((left, top - 14), f"{('loss terms', 'accuracy')[p]} from {lo:.4g} (bottom) to {hi:.4g} (top), "
+                                    f"against step {steps[0]} (left) to {steps[-1]} (right)", fill="black")
+        for i, name in enumerate(series):
+            points = [to_xy(step, row[name]) for step, row in zip(steps, rows) if math.isfinite(row.get(name, math.nan))]
+            colour = f"hsl({int(137.5 * i) % 360}, 90%, 40%)"  # the golden angle: neighbours differ most
+            draw.line(points + points[-1:], fill=colour, width=2)  # a lone point draws a dot
+            draw.text((right + 8, top + 13 * i), name, fill=colour)
+    image.save(png_path)

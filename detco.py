@@ -46,6 +46,7 @@ NOTE: l2g uses level l's global key and global queue; no symmetric swap of views
 """
 import argparse
 import copy
+import inspect
 import json
 import math
 import os
@@ -63,9 +64,9 @@ import torchvision.transforms as T
 import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageDraw
 
-from common import (IMAGENET_MEAN, IMAGENET_STD, MomentumQueue, ResNetTrunk, agreed_checkpoint, bench_loader,
-                    draw_colour, ema_update, open_source, photometric, raise_interrupt, resume_epoch,
-                    shuffled_key_forward, stop_interrupted)
+from common import (IMAGENET_MEAN, IMAGENET_STD, MomentumQueue, ResNetTrunk, UnreadableImages, agreed_checkpoint,
+                    bench_loader, check_args, check_unreadable, draw_colour, ema_update, open_source, photometric,
+                    plot_log, raise_interrupt, resume_epoch, shuffled_key_forward, stop_interrupted)
 
 # ---------------------------------------------------------------------------------------
 # Arguments
@@ -85,7 +86,7 @@ def get_args(argv=None):
     parser = argparse.ArgumentParser(description="DetCo pretraining", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--data", default="synthetic", help="image folder (ImageNet layout aware) or 'synthetic'")
     parser.add_argument("--arch", default="resnet50", help="torchvision ResNet: resnet18/34/50/101/152")
-    parser.add_argument("--epochs", type=int, default=200)
+    parser.add_argument("--epochs", type=int, default=200, help="epochs; the cosine lr schedule spans them")
     parser.add_argument("--batch-size", type=int, default=256, help="global batch over all processes")
     parser.add_argument("--lr", type=float, default=0.03, help="base lr per 256 images (scaled linearly)")
     parser.add_argument("--wd", type=float, default=1e-4, help="weight decay")
@@ -95,11 +96,11 @@ def get_args(argv=None):
     parser.add_argument("--temperature", type=float, default=0.2, help="tau of InfoNCE")
     parser.add_argument("--ema", type=float, default=0.999, help="m, key encoder momentum")
     parser.add_argument("--bn-batch", type=int, default=32, help="samples per shuffle-BN chunk (per-GPU batch of the paper)")
-    parser.add_argument("--output-dir", default="runs/detco")
+    parser.add_argument("--output-dir", default="runs/detco", help="checkpoint.pth, backbone.pth, log.jsonl, loss.png")
     parser.add_argument("--resume", default="auto", help="'auto' (output-dir/checkpoint.pth if present), a path, or 'none'")
-    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on for CUDA)")
+    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast; None: on for CUDA, off on CPU")
     parser.add_argument("--print-freq", type=int, default=10, help="iterations between log lines")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seeds weights, queues and data order")
     parser.add_argument("--steps", type=int, default=0, help="cap on iterations per epoch (0 = full epoch)")
     parser.add_argument("--tiny", action="store_true", help=f"CPU-sized recipe: {TINY_IMAGES} toy images, " + " ".join(f"{k}={v}" for k, v in TINY.items()))
     parser.add_argument("--preview", type=int, default=0, help="write output-dir/preview.png with N samples, then exit")
@@ -111,6 +112,9 @@ def get_args(argv=None):
     if args.tiny:  # the tiny recipe replaces defaults only: explicit flags still win
         parser.set_defaults(**TINY)
         args = parser.parse_args(argv)
+    check_args(parser, args)
+    if min(args.level_weights) < 0 or max(args.level_weights) == 0:
+        parser.error(f"--level-weights {args.level_weights}: must be >= 0, at least one > 0")
     return args
 
 
@@ -275,8 +279,8 @@ def train_one_epoch(model, loader, optimizer, epoch, args, log):  # Same as in d
     """One epoch (or --steps iterations): cosine lr per iteration, bf16 autocast, NaN guard, logs."""
     model.train()
     steps = min(args.steps, len(loader)) if args.steps else len(loader)
-    sums, start = {}, time.time()
-    end = start
+    sums, end = {}, time.time()
+    since, window, waited = end, 0, 0.0  # img/s and data time average the steps since the last line
     for it, batch in enumerate(loader):
         if it == steps:
             break
@@ -290,19 +294,21 @@ def train_one_epoch(model, loader, optimizer, epoch, args, log):  # Same as in d
         with torch.autocast(args.device.type, dtype=torch.bfloat16, enabled=args.amp):
             loss, terms = model(*batch)
         if not math.isfinite(loss.item()):
-            raise SystemExit(f"error: loss is {loss.item()} at epoch {epoch} iteration {it}; "
-                             f"the last good checkpoint in {args.output_dir} is kept")
+            kept = os.path.join(args.output_dir, "checkpoint.pth")
+            raise SystemExit(f"error: loss is {loss.item()} at epoch {epoch + 1} iteration {it + 1}; " + (
+                f"the last good checkpoint {kept} is kept" if os.path.exists(kept) else "no checkpoint was written yet"))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         terms = {name: float(value) for name, value in terms.items()}
         for name, value in terms.items():
             sums[name] = sums.get(name, 0.0) + value
-        step_time, end = time.time() - end, time.time()
+        end, window, waited = time.time(), window + 1, waited + data_time
         if it % args.print_freq == 0 or it == steps - 1:
             log({"epoch": epoch, "iteration": it, "steps": steps, "lr": lr, **terms,
-                 "img_per_s": args.batch_size / step_time, "data_time": data_time, "step_time": step_time,
-                 "eta_s": (time.time() - start) / (it + 1) * (steps - it - 1), "memory_mb": peak_memory_mb(args)})
+                 "img_per_s": window * args.batch_size / (end - since), "data_time": waited / window,
+                 "step_time": (end - since) / window, "memory_mb": peak_memory_mb(args)})
+            since, window, waited = end, 0, 0.0
     return {name: value / steps for name, value in sums.items()}
 
 
@@ -320,8 +326,6 @@ def setup_distributed(args):
         args.device = torch.device("cpu")
     if args.world_size > 1:
         dist.init_process_group("nccl" if args.device.type == "cuda" else "gloo")
-    if args.batch_size % args.world_size:
-        raise SystemExit(f"error: --batch-size {args.batch_size} does not divide by the world size {args.world_size}")
     args.is_main = args.rank == 0
     args.amp = args.device.type == "cuda" if args.amp is None else args.amp
     args.lr_actual = args.lr * args.batch_size / 256
@@ -340,21 +344,45 @@ def peak_memory_mb(args):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def make_logger(args):
-    def log(record):
+def make_logger(args, start_epoch):
+    """log(row): on the main process, a row of output-dir/log.jsonl with the wall-clock time, the time since
+    this start and, in progress rows, the ETA of the whole run; and a console line. The first row of a start
+    holds the arguments. A resume drops the rows of the epochs it redoes, so that no row is duplicated."""
+    path, start = os.path.join(args.output_dir, "log.jsonl"), time.time()
+    hms = lambda seconds: f"{int(seconds) // 3600}:{int(seconds) // 60 % 60:02d}:{int(seconds) % 60:02d}"
+
+    def log(row):
         if not args.is_main:
             return
-        with open(os.path.join(args.output_dir, "log.jsonl"), "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if "iteration" in record:
-            terms = " ".join(f"{k} {v:.4f}" for k, v in record.items() if k not in (
-                "epoch", "iteration", "steps", "lr", "img_per_s", "data_time", "step_time", "eta_s", "memory_mb"))
-            print(f"epoch {record['epoch']} [{record['iteration'] + 1}/{record['steps']}] "
-                  f"eta {record['eta_s'] / 60:.1f} min lr {record['lr']:.5f} {terms} "
-                  f"{record['img_per_s']:.1f} img/s data {100 * record['data_time'] / record['step_time']:.0f}% "
-                  f"mem {record['memory_mb']:.0f} MB", flush=True)
-        else:
-            print("epoch summary " + json.dumps(record), flush=True)
+        row = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "elapsed_s": round(time.time() - start, 1), **row}
+        if "iteration" in row:  # every remaining step of the run, at this start's pace so far
+            done = (row["epoch"] - start_epoch) * row["steps"] + row["iteration"] + 1
+            row["eta_s"] = row["elapsed_s"] / done * ((args.epochs - start_epoch) * row["steps"] - done)
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        accuracy = [value for name, value in row.items() if name.startswith("acc")]
+        where = f"{row['time'][5:]} +{hms(row['elapsed_s'])} epoch {row.get('epoch', args.epochs - 1) + 1}/{args.epochs}"
+        scores = f"loss {row.get('loss', math.nan):.4f} acc {sum(accuracy) / max(len(accuracy), 1):.3f}"
+        if "iteration" in row:
+            print(f"{where} [{row['iteration'] + 1}/{row['steps']}] {scores} lr {row['lr']:.5f} {row['img_per_s']:.1f} "
+                  f"img/s data {100 * row['data_time'] / row['step_time']:.0f}% mem {row['memory_mb']:.0f} MB "
+                  f"eta {hms(row['eta_s'])}", flush=True)
+        elif "checkpoint" in row:
+            print(f"{where} done: {scores} (epoch means); saved {row['checkpoint']}", flush=True)
+        elif row.get("event") == "done":
+            print(f"done: epochs {start_epoch + 1}-{args.epochs} in {hms(row['elapsed_s'])}; checkpoint.pth, backbone.pth, "
+                  f"log.jsonl, loss.png in {args.output_dir}", flush=True)
+
+    if args.is_main:  # the output directory appears only now, as training starts
+        os.makedirs(args.output_dir, exist_ok=True)
+        with open(path, "a+") as f, open(path + ".tmp", "w") as kept:
+            f.seek(0)  # a resume keeps the rows of finished epochs and of earlier starts; a new run none
+            kept.writelines(line for line in f if start_epoch and line.endswith("\n")
+                            and json.loads(line).get("epoch", -1) < start_epoch)
+        os.replace(path + ".tmp", path)
+    arguments = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, type(None)))}
+    log({"event": "resume" if start_epoch else "start", "epochs_done": start_epoch, "world_size": args.world_size,
+         "torch": torch.__version__, "args": arguments})
     return log
 
 
@@ -426,6 +454,7 @@ def write_preview(dataset, args, cell=128):
                 x, y = (3 + c) * cell + 2 + (slot % 3) * tile, top + 2 + (slot // 3) * tile
                 sheet.paste(to_picture(patch, tile - 2), (x, y))
                 draw.text((x + 2, y + 1), str(source_cell), fill="yellow")  # the cell this slot came from
+    os.makedirs(args.output_dir, exist_ok=True)
     path = os.path.join(args.output_dir, "preview.png")
     sheet.save(path)
     print(f"wrote {path}")
@@ -438,7 +467,6 @@ def write_preview(dataset, args, cell=128):
 
 def main(args):
     setup_distributed(args)
-    os.makedirs(args.output_dir, exist_ok=True)
     source = open_source(args.data, TINY_IMAGES if args.tiny else 5000, args.image_size * 8 // 7, min_side=args.image_size)
     dataset = GlobalLocalViews(source, args)
     if args.preview:
@@ -463,14 +491,16 @@ def main(args):
             print(f"{kind} heads {sum(map(count, heads)) / 1e6:.2f}M params: "
                   + ", ".join(f"{level} {count(head):,}" for level, head in zip(LEVELS, heads)))
     ddp_model = model
-    if args.world_size > 1:  # the queue is identical on every rank already: do not broadcast buffers
-        ddp_model = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+    if args.world_size > 1:  # the queues are identical on every rank already: DDP must not broadcast buffers
+        # before each forward. torch >= 2.13 calls that forward_sync_buffers and warns on broadcast_buffers.
+        new = "forward_sync_buffers" in inspect.signature(nn.parallel.DistributedDataParallel).parameters
+        ddp_model = nn.parallel.DistributedDataParallel(model, **{"forward_sync_buffers" if new else "broadcast_buffers": False})
     sampler = torch.utils.data.DistributedSampler(dataset, args.world_size, args.rank, seed=args.seed, drop_last=True)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size // args.world_size, sampler=sampler,
                                          num_workers=args.workers, pin_memory=args.device.type == "cuda", drop_last=True)
     if len(loader) == 0:
         raise SystemExit(f"error: {len(dataset)} images give no full batch of {args.batch_size}")
-    log = make_logger(args)
+    log = make_logger(args, start_epoch)
     for name in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C; a scheduler or torchrun: one line, no traceback
         signal.signal(name, raise_interrupt)
     epoch = start_epoch
@@ -479,11 +509,16 @@ def main(args):
             seed_everything(args.seed + 1000 * (epoch + 1) + args.rank)
             sampler.set_epoch(epoch)
             stats = train_one_epoch(ddp_model, loader, optimizer, epoch, args, log)
+            check_unreadable(source, args.device)  # distinct unreadable files of all ranks
             if args.is_main:
                 save_checkpoint(model, optimizer, epoch + 1, args)
-                log({"epoch": epoch, **stats})
+                log({"epoch": epoch, **stats, "checkpoint": os.path.join(args.output_dir, "checkpoint.pth")})
+                plot_log(os.path.join(args.output_dir, "log.jsonl"), os.path.join(args.output_dir, "loss.png"))
     except KeyboardInterrupt:
         stop_interrupted(epoch, args)
+    except UnreadableImages as error:  # one line, not a DataLoader worker's chained traceback
+        raise SystemExit(str(error)) from None
+    log({"event": "done"})
     if args.world_size > 1:
         dist.destroy_process_group()
 

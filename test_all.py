@@ -11,6 +11,8 @@ import os
 import pickle
 import subprocess
 import sys
+import time
+import warnings
 
 import numpy as np
 import pytest
@@ -25,9 +27,10 @@ import dilo
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def read_log(path):
+def read_log(path, events=False):
+    """log.jsonl's progress and epoch rows (and with events=True also the start/resume/done rows)."""
     with open(path) as f:
-        return [json.loads(line) for line in f]
+        return [row for row in map(json.loads, f) if events or "event" not in row]
 
 
 def state_equal(a, b, atol=1e-6):
@@ -52,7 +55,7 @@ def killed_and_resumed(module, args, tmp_path, monkeypatch):
 
     twice = args + ["--epochs", "2", "--output-dir", str(tmp_path / "twice")]
     monkeypatch.setattr(module, "train_one_epoch", killed_in_epoch_1)
-    with pytest.raises(SystemExit, match="interrupted in epoch 1; checkpoint has 1 epochs done"):
+    with pytest.raises(SystemExit, match="interrupted in epoch 2; checkpoint has 1 epochs done"):
         module.main(module.get_args(twice))
     monkeypatch.undo()
     module.main(module.get_args(twice))
@@ -209,11 +212,13 @@ def test_bad_input(tmp_path):
     corrupt = source.paths.index(os.path.join("class_a", "corrupt.jpg"))
     with pytest.warns(UserWarning, match="corrupt.jpg"):
         image, target = source[corrupt]
-    assert target["path"] != source.paths[corrupt] and int(source.failures) == 1
-    source.failures += 1  # a second failure among 125 images is over 1%
-    with pytest.raises(RuntimeError, match="more than 1%"):
-        with pytest.warns(UserWarning):
-            source[corrupt]
+    assert target["path"] != source.paths[corrupt] and int(source.unreadable.sum()) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # remembered: skipped without a new warning
+        assert source[corrupt][1]["path"] == target["path"]
+    source.unreadable[0] = 1  # a second distinct unreadable file among 125 images is over 1%
+    with pytest.raises(common.UnreadableImages, match="2 of 125 images"):
+        common.check_unreadable(source)
 
 
 # ---------------------------------------------------------------------------------------
@@ -441,8 +446,7 @@ def _rbd_tiny_run(tmp_path_factory):
 
 
 def test_rbd_tiny_trains_with_on_the_fly_masks(_rbd_tiny_run):
-    records = [json.loads(line) for line in open(os.path.join(_rbd_tiny_run, "log.jsonl"))]
-    epoch = records[-1]
+    epoch = read_log(os.path.join(_rbd_tiny_run, "log.jsonl"))[-1]
     assert epoch["no_mask"] == 0 and 0 < epoch["pasted"] < 1  # every image got an RBD mask, p = 0.3 pasted
     assert os.path.exists(os.path.join(_rbd_tiny_run, "backbone.pth"))
 
@@ -951,7 +955,8 @@ def test_insloc_c4_trains_and_preview(tmp_path):
 
 
 def test_insloc_two_processes_identical_ranks(tmp_path):
-    run_two_ranks("insloc", "InsLoc", 1, 29641, ["--steps", "3", "--batch-size", "8", "--image-size", "32"], tmp_path)
+    run_two_ranks("insloc", "InsLoc", 1, 29641, ["--steps", "3", "--batch-size", "8", "--image-size", "32", "--bn-batch", "4"],
+                  tmp_path)
 
 
 @pytest.mark.parametrize("module, model_class, views_class, extra, term_count", [
@@ -2207,7 +2212,7 @@ def test_resume_more_epochs_extend_and_respread_the_cosine(_resume_run, tmp_path
     (out / "checkpoint.pth").write_bytes((_resume_run / "checkpoint.pth").read_bytes())
     dupr.main(dupr.get_args(_RESUME + ["--epochs", "2", "--output-dir", str(out)]))
     printed = capsys.readouterr().out
-    assert "1 of 2 epochs done; --epochs 1 -> 2: the cosine schedule is re-spread over 2 epochs; continuing with epoch 1" in printed
+    assert "1 of 2 epochs done; --epochs 1 -> 2: the cosine schedule is re-spread over 2 epochs; continuing with epoch 2" in printed
     assert torch.load(out / "checkpoint.pth", weights_only=True)["epoch"] == 2
     first = [r for r in read_log(out / "log.jsonl") if r.get("iteration") == 0]
     assert [r["epoch"] for r in first] == [1]  # the progress lines go on with epoch 1, as the resume line says
@@ -2305,9 +2310,9 @@ def test_resume_interrupt_mid_epoch_one_line_then_exact_resume(signal_name, _uni
     finally:
         process.kill()
     assert process.returncode != 0 and "epoch 1 [4/4]" not in out + rest
-    assert _one_line(err) == "interrupted in epoch 1; checkpoint has 1 epochs done; rerun the same command to resume"
+    assert _one_line(err) == "interrupted in epoch 2; checkpoint has 1 epochs done; rerun the same command to resume"
     code, out, err = _run_trainer("dilo.py", _INTERRUPTED + ["--output-dir", str(tmp_path)])  # the same command again
-    assert code == 0 and "1 of 2 epochs done; continuing with epoch 1" in out, err[-3000:]
+    assert code == 0 and "1 of 2 epochs done; continuing with epoch 2" in out, err[-3000:]
     twice = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
     assert twice["epoch"] == 2
     state_equal(_uninterrupted["model"], twice["model"])
@@ -2364,3 +2369,156 @@ def test_resume_detect_two_nodes_both_stop(tmp_path):
     for code, out, err in results:
         assert code != 0 and "the ranks do not resume from the same checkpoint" in _one_line(err)
         assert f"no {empty / 'checkpoint.pth'}" in err
+# --- long-run safety: data, flags, logs (issue 17) ---
+
+import detco  # noqa: E402
+import insloc  # noqa: E402
+
+TRAINERS = {"dilo": dilo, "dupr": dupr, "detco": detco, "insloc": insloc}
+_QUIET = ["--image-size", "32", "--batch-size", "32", "--queue-size", "32", "--bn-batch", "8", "--paste-prob", "0"]
+
+
+def _folder_with_unreadable(tmp_path, good, bad):
+    folder = tmp_path / "data" / "train"
+    folder.mkdir(parents=True)
+    world = common.ToyWorld(good, 40)
+    for i in range(good):
+        world[i][0].save(folder / f"{i:03d}.png")
+    for i in range(bad):
+        (folder / f"bad{i}.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    return str(tmp_path / "data")
+
+
+def _run_trainer(args, tmp_path, nproc=1):
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if nproc == 2 else []  # a free port
+    command = [sys.executable] + launcher + [os.path.join(HERE, "dilo.py"), "--tiny", "--output-dir", str(tmp_path / "run")]
+    return subprocess.run(command + args, capture_output=True, text=True, timeout=600, cwd=HERE,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_one_unreadable_image_in_161_is_skipped_once_over_3_epochs(tmp_path):
+    """Workers are forked anew every epoch: the bad file is remembered, warned about once, never retried."""
+    data = _folder_with_unreadable(tmp_path, 160, 1)
+    result = _run_trainer(_QUIET + ["--data", data, "--epochs", "3", "--workers", "2"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.count("UserWarning: skipping unreadable image") == 1
+    assert [r["epoch"] for r in read_log(tmp_path / "run" / "log.jsonl") if "checkpoint" in r] == [0, 1, 2]
+
+
+def test_unreadable_images_over_1_percent_abort_with_one_line(tmp_path):
+    data = _folder_with_unreadable(tmp_path, 39, 2)
+    result = _run_trainer(_QUIET + ["--data", data, "--batch-size", "8", "--epochs", "2", "--workers", "2"], tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]  # besides worker warnings
+    assert len(errors) == 1 and "of 41 images under" in errors[0] and errors[0].endswith("are unreadable (over 1%)")
+
+
+def test_unreadable_images_are_shared_between_ranks_and_no_ddp_warning(tmp_path):
+    """Two ranks, 1 bad file in 101, 3 epochs: warned once in all (the flags are ORed over ranks at
+    epoch ends), and DDP's construction prints no FutureWarning about broadcast_buffers."""
+    data = _folder_with_unreadable(tmp_path, 100, 1)
+    result = _run_trainer(_QUIET + ["--data", data, "--epochs", "3", "--workers", "1"], tmp_path, nproc=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.count("UserWarning: skipping unreadable image") == 1
+    assert "broadcast_buffers" not in result.stderr and "FutureWarning" not in result.stderr
+
+
+REJECTED = [("--lr", "-0.1"), ("--lr", "0"), ("--ema", "1.5"), ("--ema", "1"), ("--temperature", "0"),
+            ("--queue-size", "0"), ("--queue-size", "16"), ("--batch-size", "0"), ("--bn-batch", "7"),
+            ("--bn-batch", "1"), ("--image-size", "16"), ("--epochs", "0"), ("--steps", "-1"), ("--wd", "-1")]
+METHOD_REJECTED = {"dilo": [("--paste-prob", "1.5")], "dupr": [("--alpha", "0", "0", "0", "0", "--beta", "0", "0", "0", "0"),
+                                                               ("--roi-size", "0", "7", "7", "7")],
+                   "detco": [("--level-weights", "-1", "1", "1", "1")],
+                   "insloc": [("--fg-ratio", "2", "1"), ("--head-lr-scale", "-1")]}
+
+
+@pytest.mark.parametrize("name", TRAINERS)
+def test_out_of_range_flags_give_one_argparse_line(name, tmp_path, capsys, monkeypatch):
+    module = TRAINERS[name]
+    for flags in REJECTED + METHOD_REJECTED[name]:
+        with pytest.raises(SystemExit) as exit_info:
+            module.get_args(["--tiny"] + list(flags))
+        error = capsys.readouterr().err.strip().splitlines()[-1]
+        assert exit_info.value.code == 2 and ": error: " in error and flags[0] in error, (flags, error)
+    monkeypatch.setenv("WORLD_SIZE", "3")  # torchrun's, read at parse time
+    with pytest.raises(SystemExit):
+        module.get_args(["--tiny"])  # batch 32 over 3 processes
+    assert "divide by the world size 3" in capsys.readouterr().err
+
+
+def test_rejected_flag_as_a_user_sees_it_and_no_output_dir(tmp_path):
+    result = _run_trainer(["--bn-batch", "7", "--epochs", "1", "--steps", "1"], tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == ("dilo.py: error: --bn-batch 7: must be >= 2 and divide the "
+                                                      "per-process batch 32 (--batch-size 32 over 1 processes)")
+    with pytest.raises(SystemExit, match="no such directory"):
+        dilo.main(dilo.get_args(SMALL + ["--data", str(tmp_path / "missing"), "--output-dir", str(tmp_path / "run")]))
+    assert not (tmp_path / "run").exists()  # a run that fails early leaves no directory behind
+    with pytest.raises(SystemExit, match="no checkpoint was written yet"):
+        dilo.main(dilo.get_args(SMALL + ["--lr", "1e30", "--steps", "3", "--output-dir", str(tmp_path / "nan")]))
+
+
+def test_every_flag_has_help_and_one_default(capsys):
+    for name, module in TRAINERS.items():
+        with pytest.raises(SystemExit):
+            module.get_args(["-h"])
+        options = capsys.readouterr().out.split("options:")[1]
+        entries = [e for e in options.split("\n  -") if e.strip() and not e.startswith("h, --help")]
+        for entry in entries:
+            assert len(entry.split(None, 2)) > 1 and entry.count("(default:") == 1, (name, entry)
+
+
+def test_dilo_saliency_errors_name_the_way_out(tmp_path):
+    (tmp_path / "masks").mkdir()
+    with pytest.raises(SystemExit, match="--data synthetic has no files: use --saliency gt"):
+        dilo.main(dilo.get_args(SMALL + ["--saliency", str(tmp_path / "masks"), "--output-dir", str(tmp_path / "a")]))
+    common.write_toy_world(str(tmp_path / "data"), 4, "train", image_size=48)
+    with pytest.raises(SystemExit) as exit_info:
+        dilo.main(dilo.get_args(SMALL + ["--data", str(tmp_path / "data"), "--output-dir", str(tmp_path / "b")]))
+    assert "--make-saliency" in str(exit_info.value) and "--saliency rbd" in str(exit_info.value)
+
+
+def test_logs_carry_time_and_whole_run_eta_and_a_resume_drops_redone_rows(tmp_path, monkeypatch, capsys):
+    args = SMALL + ["--steps", "2", "--epochs", "2", "--output-dir", str(tmp_path)]
+    train_one_epoch = dilo.train_one_epoch
+
+    def killed_after_epoch_1_logged(model, loader, optimizer, epoch, *rest):
+        stats = train_one_epoch(model, loader, optimizer, epoch, *rest)
+        if epoch == 1:  # its progress rows are written, its checkpoint is not
+            raise KeyboardInterrupt
+        return stats
+
+    monkeypatch.setattr(dilo, "train_one_epoch", killed_after_epoch_1_logged)
+    with pytest.raises((KeyboardInterrupt, SystemExit)):
+        dilo.main(dilo.get_args(args))
+    monkeypatch.undo()
+    first = read_log(tmp_path / "log.jsonl", events=True)
+    assert [(r["epoch"], r["iteration"]) for r in first if "iteration" in r] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    start = first[0]
+    assert start["event"] == "start" and start["world_size"] == 1 and start["torch"] == torch.__version__
+    assert start["args"]["lr"] == 0.03 and start["args"]["output_dir"] == str(tmp_path)
+    step = first[1]  # 1 of 4 steps of the run done: the ETA is for the other 3
+    assert step["eta_s"] == pytest.approx(3 * step["elapsed_s"]) and step["time"].startswith(time.strftime("%Y-"))
+    capsys.readouterr()
+    dilo.main(dilo.get_args(args))
+    rows = read_log(tmp_path / "log.jsonl", events=True)
+    assert all("time" in r and "elapsed_s" in r for r in rows)
+    assert [r.get("event") for r in rows if "event" in r] == ["start", "resume", "done"]
+    keys = [(r["epoch"], r["iteration"]) for r in rows if "iteration" in r]
+    assert keys == [(0, 0), (0, 1), (1, 0), (1, 1)]  # epoch 2's rows of the killed run were dropped
+    assert [r["epoch"] for r in rows if "checkpoint" in r] == [0, 1]
+    lines = capsys.readouterr().out.splitlines()
+    progress = [line for line in lines if "img/s" in line]
+    assert len(progress) == 2 and all(len(line) < 160 for line in progress)
+    assert all(word in progress[0] for word in ("epoch 2/2 [1/2]", "loss", "acc", "lr", "data", "mem", "eta"))
+    assert any("saved" in line and "checkpoint.pth" in line for line in lines)
+    assert lines[-1].startswith("done: epochs 2-2 in ") and str(tmp_path) in lines[-1]
+    # loss.png: every term against step, drawn from log.jsonl
+    png = Image.open(tmp_path / "loss.png")
+    assert png.format == "PNG" and png.size == (960, 640)
+    changed = tmp_path / "changed.jsonl"
+    changed.write_text("".join(json.dumps({**r, "loss": r["loss"] * 2} if "iteration" in r else r) + "\n" for r in rows))
+    common.plot_log(str(changed), str(tmp_path / "changed.png"))
+    common.plot_log(str(tmp_path / "log.jsonl"), str(tmp_path / "again.png"))
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "again.png")), np.asarray(png))
+    assert not np.array_equal(np.asarray(Image.open(tmp_path / "changed.png")), np.asarray(png))
