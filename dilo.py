@@ -44,7 +44,8 @@ import torchvision.transforms as T
 from PIL import Image, ImageDraw, ImageFilter
 
 from common import (IMAGENET_MEAN, IMAGENET_STD, ImageFolderSource, MomentumQueue, ResNetTrunk, ToyWorld,
-                    ema_update, open_source, shuffled_key_forward, to_rgb)
+                    convert_to_ghost_batchnorm, ema_update, open_source, shuffled_key_forward, to_rgb,
+                    world_size)
 
 # ---------------------------------------------------------------------------------------
 # Arguments
@@ -75,7 +76,7 @@ def get_args(argv=None):
     parser.add_argument("--queue-size", type=int, default=65536, help="K, keys in the queue")
     parser.add_argument("--temperature", type=float, default=0.2, help="tau of InfoNCE")
     parser.add_argument("--ema", type=float, default=0.999, help="m, key encoder momentum")
-    parser.add_argument("--bn-batch", type=int, default=32, help="samples per shuffle-BN chunk (per-GPU batch of the paper)")
+    parser.add_argument("--bn-batch", type=int, default=32, help="samples per BatchNorm group, both encoders (per-GPU batch of the paper)")
     parser.add_argument("--output-dir", default="runs/dilo")
     parser.add_argument("--resume", default="auto", help="'auto' (output-dir/checkpoint.pth if present), a path, or 'none'")
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on for CUDA)")
@@ -403,14 +404,16 @@ class DiLo(nn.Module):
     def __init__(self, args):
         super().__init__()
         self.args = args
-        self.encoder_q = Encoder(args.arch)
+        encoder = Encoder(args.arch)
+        # Ghost BN (common.py): BN statistics over groups of --bn-batch samples, on both encoders
+        self.encoder_q = convert_to_ghost_batchnorm(encoder, args.batch_size // world_size(), args.bn_batch)
         self.encoder_k = copy.deepcopy(self.encoder_q).requires_grad_(False)
         self.queue = MomentumQueue(args.queue_size)
 
     def forward(self, im_q, im_k, pasted, has_mask):
         q = self.encoder_q(im_q)  # (N, 128)
         ema_update(self.encoder_k, self.encoder_q, self.args.ema)
-        k = shuffled_key_forward(self.encoder_k, (im_k,), self.args.bn_batch)  # (N, 128)
+        k = shuffled_key_forward(self.encoder_k, (im_k,))  # (N, 128)
         loss, acc = info_nce(q, k, self.queue.keys.clone(), self.args.temperature)  # enqueue writes in place
         self.queue.enqueue(k)
         return loss, {"loss": loss.detach(), "acc": acc,  # and what the data loader did:
