@@ -1560,6 +1560,8 @@ def _ghost_bn_steps(method, model_class, extra, bn_batch=4, steps=3, B=8, size=3
     args = module.get_args(["--tiny", "--image-size", str(size), "--batch-size", str(B), "--bn-batch", str(bn_batch),
                             "--queue-size", str(2 * B)] + extra)
     model = getattr(module, model_class)(args).double().train()
+    for queue in (m for m in model.modules() if isinstance(m, common.MomentumQueue)):
+        queue.float()  # InfoNCE runs in fp32 (q.float() @ queue.t())
     optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=0.1, momentum=0.9)
     generator = torch.Generator().manual_seed(1)
     L = B // 2  # samples per rank of the two-process run = per BN group of the one-process run
@@ -1621,14 +1623,15 @@ def test_ghost_bn_one_process_equals_two_processes(tmp_path):
     two = torch.load(tmp_path / "two.pth", weights_only=True)
     for method, model_class, extra in GHOST_METHODS:
         one = _ghost_bn_steps(method, model_class, extra)
-        assert (one["loss"] - two[method]["loss"]).abs().max() < 1e-6, method
-        assert (one["grads"] - two[method]["grads"]).abs().max() < 1e-6, method
+        # fp64 models; InfoNCE is fp32 (gradients up to ~10 agree to ~2e-6)
+        assert (one["loss"] - two[method]["loss"]).abs().max() < 1e-5, method
+        assert (one["grads"] - two[method]["grads"]).abs().max() < 1e-5, method
         assert one["statistics"].keys() == two[method]["statistics"].keys()
         for name, value in one["statistics"].items():
             assert (value - two[method]["statistics"][name]).abs().max() < 1e-6, (method, name)
         if method == "dilo":  # without ghost BN (the query's BN sees all 8) the runs differ
             plain = _ghost_bn_steps(method, model_class, extra, bn_batch=8)
-            assert (plain["loss"] - two[method]["loss"]).abs().max() > 1e-3
+            assert (plain["loss"] - two[method]["loss"]).abs().max() > 0.05
 
 
 if __name__ == "__main__":
