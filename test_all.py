@@ -263,7 +263,7 @@ def test_dilo_training_reduces_infonce_on_fixed_views():
     """The gradient path works: on fixed views of 32 images the InfoNCE loss falls well below
     ln(K + 1) once the queue is full (a 1-minute run on fresh views does not get that far)."""
     torch.manual_seed(0)
-    args = dilo.get_args(SMALL + ["--queue-size", "256", "--bn-batch", "8"])
+    args = dilo.get_args(SMALL + ["--queue-size", "256", "--bn-batch", "8", "--batch-size", "32"])  # BN groups of 8
     model = dilo.DiLo(args)
     world = common.ToyWorld(32, 36)
     augment = dilo.moco_v2_augmentation(32)
