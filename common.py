@@ -5,7 +5,8 @@
 - `roi_align_boxes`: torchvision RoIAlign with boxes in input-image pixels, one per sample;
   `load_backbone`: a trunk from any backbone.pth, torchvision state_dict or checkpoint.pth.
 - The MoCo machinery: `MomentumQueue`, `ema_update`, `concat_all_gather`,
-  `shuffled_key_forward` (shuffle BN, MoCo sec. 3.3).
+  `shuffled_key_forward` (shuffle BN, MoCo sec. 3.3), and ghost BatchNorm
+  (`convert_to_ghost_batchnorm`): BN statistics over groups of `--bn-batch` samples.
 - The data sources: `ImageFolderSource` (any folder of images, ImageNet `train/` aware)
   and `ToyWorld`, the built-in synthetic dataset, with `write_toy_world` (files + COCO json);
   `HeldOut`, the analysis tools' images with boxes (toy world val or a COCO-format folder).
@@ -113,7 +114,7 @@ def load_backbone(path, flag):
 
 
 # ---------------------------------------------------------------------------------------
-# MoCo machinery: gather, queue, EMA, shuffle BN
+# MoCo machinery: gather, queue, EMA, shuffle BN, ghost BN
 # ---------------------------------------------------------------------------------------
 
 
@@ -176,13 +177,13 @@ def _broadcast_permutation(n, device):
 
 
 @torch.no_grad()
-def shuffled_key_forward(fn, inputs, bn_batch):
+def shuffled_key_forward(fn, inputs):
     """Shuffle BN (MoCo sec. 3.3): run `fn` on a random split of the key batch.
 
     `inputs` is a tuple of tensors whose dim 0 is the local batch (images, boxes, ...).
     They are gathered over processes, permuted with one permutation shared by all ranks,
-    each rank runs `fn(*slice)` on its slice in chunks of `bn_batch` samples (so BN sees
-    the per-GPU batch of the paper even on one device), and only the outputs (small
+    each rank runs `fn(*slice)` once on its slice (ghost BN in `fn` splits the slice into
+    random groups of --bn-batch samples, as the paper's GPUs), and only the outputs (small
     embeddings, dim 0 = samples) are gathered back and un-permuted.
     Returns the outputs for this rank's own samples, in their original order.
     """
@@ -191,18 +192,94 @@ def shuffled_key_forward(fn, inputs, bn_batch):
     perm = _broadcast_permutation(len(gathered[0]), gathered[0].device)
     rank = dist.get_rank() if world_size() > 1 else 0
     mine = perm[rank * local:(rank + 1) * local]
-    outputs = []
-    for start in range(0, local, bn_batch):
-        chunk = mine[start:start + bn_batch]
-        out = fn(*[t[chunk] for t in gathered])
-        outputs.append(out if isinstance(out, tuple) else (out,))
+    outputs = fn(*[t[mine] for t in gathered])  # one forward of the whole shuffled slice
     results = []
-    for parts in zip(*outputs):
-        shuffled = concat_all_gather(torch.cat(parts))  # rows in `perm` order
+    for out in outputs if isinstance(outputs, tuple) else (outputs,):
+        shuffled = concat_all_gather(out)  # rows in `perm` order
         unshuffled = torch.empty_like(shuffled)
         unshuffled[perm] = shuffled
         results.append(unshuffled[rank * local:(rank + 1) * local])
     return tuple(results) if len(results) > 1 else results[0]
+
+
+# NOTE: ghost BatchNorm. The papers train on 8 GPUs x 32 images with per-GPU BN (no SyncBN).
+#   Ghost BN normalises each of G = local batch / --bn-batch groups with its own statistics,
+#   so one GPU with batch 256 (G = 8) reproduces the per-GPU BN statistics of the 8-GPU recipe
+#   on both encoders (trunk, InsLoc's FPN and box head). Query: sample i is in group i % G;
+#   DistributedSampler gives rank g of 8 the samples g, g + 8, ... of the same index order, so
+#   the images sharing statistics are those of one GPU of the 8-GPU run (same --seed). Key: a
+#   random split, as shuffle BN's. Running statistics: every group's mean and unbiased variance
+#   get the usual momentum update and the G results are averaged. The EMA is linear, so this is
+#   exactly the average of the 8 ranks' running statistics; the 8-GPU run saves rank 0's (DDP
+#   with broadcast_buffers=False): same expectation, more noise. Not reproduced: the all-gather
+#   and its cost, per-rank randomness (augmentations, the random split). G = 1 is nn.BatchNorm.
+
+
+def ghost_batch_norm(bn, x):
+    """Training-mode BN of x (N, C, *) over G = bn.groups groups: rows g, g + G, ... share statistics.
+
+    One batch_norm call on the view (N/G, G*C, *): channel g*C + c of the view is channel c of
+    group g, with weight, bias and running statistics repeated G times.
+    """
+    N, C, G = x.shape[0], x.shape[1], bn.groups
+    if N % G:
+        raise ValueError(f"ghost BatchNorm: a batch of {N} does not split into {G} groups")
+    grouped = x.reshape(N // G, G * C, *x.shape[2:])  # a view if x is contiguous (a copy if channels_last)
+    momentum, running_mean, running_var = bn.momentum or 0.0, None, None
+    if bn.track_running_stats:
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:  # cumulative average, as nn.BatchNorm
+            momentum = 1.0 / float(bn.num_batches_tracked)
+        running_mean, running_var = bn.running_mean.repeat(G), bn.running_var.repeat(G)  # (G*C,) copies
+    weight = bn.weight.repeat(G) if bn.affine else None  # gradients of the G copies add up
+    bias = bn.bias.repeat(G) if bn.affine else None
+    y = F.batch_norm(grouped, running_mean, running_var, weight, bias, True, momentum, bn.eps)
+    if bn.track_running_stats:  # each group's momentum update, averaged over groups
+        with torch.no_grad():
+            bn.running_mean.copy_(running_mean.view(G, C).mean(0))
+            bn.running_var.copy_(running_var.view(G, C).mean(0))
+    return y.reshape(x.shape)
+
+
+class GhostBatchNorm1d(nn.BatchNorm1d):
+    """nn.BatchNorm1d (same parameters, buffers, state_dict keys) with ghost statistics in training."""
+
+    groups = 1  # set by convert_to_ghost_batchnorm
+
+    def forward(self, x):
+        return ghost_batch_norm(self, x) if self.training and self.groups > 1 else super().forward(x)
+
+
+class GhostBatchNorm2d(nn.BatchNorm2d):
+    """nn.BatchNorm2d (same parameters, buffers, state_dict keys) with ghost statistics in training."""
+
+    groups = 1  # set by convert_to_ghost_batchnorm
+
+    def forward(self, x):
+        return ghost_batch_norm(self, x) if self.training and self.groups > 1 else super().forward(x)
+
+
+def convert_to_ghost_batchnorm(module, local_batch, bn_batch):
+    """Returns `module` with every nn.BatchNorm1d/2d replaced by its ghost version (sharing its
+    parameters and buffers), as nn.SyncBatchNorm.convert_sync_batchnorm does.
+
+    G = local_batch / bn_batch groups (1 if local_batch <= bn_batch). A layer that sees k rows
+    per sample (DetCo's 9 patches, InsLoc's 4 RoIs) must get them as k blocks of local_batch
+    rows, so that sample i's rows are in group i % G.
+    """
+    if local_batch > bn_batch and local_batch % bn_batch:
+        raise SystemExit(f"error: --bn-batch {bn_batch} does not divide the per-process batch {local_batch}")
+    ghost_class = {nn.BatchNorm1d: GhostBatchNorm1d, nn.BatchNorm2d: GhostBatchNorm2d}.get(type(module))
+    if ghost_class is not None:
+        ghost = ghost_class(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)
+        ghost.weight, ghost.bias = module.weight, module.bias
+        ghost.running_mean, ghost.running_var = module.running_mean, module.running_var
+        ghost.num_batches_tracked = module.num_batches_tracked
+        ghost.groups = max(1, local_batch // bn_batch)
+        return ghost.train(module.training)
+    for name, child in module.named_children():
+        setattr(module, name, convert_to_ghost_batchnorm(child, local_batch, bn_batch))
+    return module
 
 
 # ---------------------------------------------------------------------------------------

@@ -38,9 +38,10 @@ NOTE: flip is drawn right after the crop (MoCo v2 flips last). Flip commutes wit
   grayscale and the symmetric blur, so views have MoCo v2's distribution; this way a view's
   whole geometry is known before colour, for the jigsaw test and --preview.
 NOTE: patches go through the backbone at their own size (64 px: res5 is 2 x 2), one batch of
-  N * 9 patches per side; the query encoder's BN sees global views and patches in separate
-  batches. On the key side an image's global view and its 9 patches travel together through
-  shuffle BN (one permutation), so a chunk is bn_batch views + 9 bn_batch patches.
+  N * 9 patches per side; BN sees global views and patches in separate batches. On the key
+  side an image's global view and its 9 patches travel together through shuffle BN (one
+  permutation), so a BN group (ghost BN) is bn_batch views, or the 9 bn_batch patches of
+  those images, as on one of the paper's GPUs.
 NOTE: l2g uses level l's global key and global queue; no symmetric swap of views; the level
   terms are summed unnormalised (weights do not sum to 1), as the paper's equation.
 """
@@ -65,8 +66,9 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageDraw
 
 from common import (IMAGENET_MEAN, IMAGENET_STD, MomentumQueue, ResNetTrunk, UnreadableImages, agreed_checkpoint,
-                    bench_loader, check_args, check_unreadable, draw_colour, ema_update, open_source, photometric,
-                    plot_log, raise_interrupt, resume_epoch, shuffled_key_forward, stop_interrupted)
+                    bench_loader, check_args, check_unreadable, convert_to_ghost_batchnorm, draw_colour, ema_update,
+                    open_source, photometric, plot_log, raise_interrupt, resume_epoch, shuffled_key_forward,
+                    stop_interrupted, world_size)
 
 # ---------------------------------------------------------------------------------------
 # Arguments
@@ -95,7 +97,7 @@ def get_args(argv=None):
     parser.add_argument("--queue-size", type=int, default=65536, help="K, keys in the queue")
     parser.add_argument("--temperature", type=float, default=0.2, help="tau of InfoNCE")
     parser.add_argument("--ema", type=float, default=0.999, help="m, key encoder momentum")
-    parser.add_argument("--bn-batch", type=int, default=32, help="samples per shuffle-BN chunk (per-GPU batch of the paper)")
+    parser.add_argument("--bn-batch", type=int, default=32, help="samples per BatchNorm group, both encoders (per-GPU batch of the paper)")
     parser.add_argument("--output-dir", default="runs/detco", help="checkpoint.pth, backbone.pth, log.jsonl, loss.png")
     parser.add_argument("--resume", default="auto", help="'auto' (output-dir/checkpoint.pth if present), a path, or 'none'")
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast; None: on for CUDA, off on CPU")
@@ -202,10 +204,13 @@ class Encoder(nn.Module):
     def forward(self, images, patches):
         N = len(images)
         global_features = self.backbone(images)  # 4 x (N, C_l, h_l, w_l)
-        local_features = self.backbone(patches.flatten(0, 1))  # 4 x (N * 9, C_l, h'_l, w'_l); image-major
+        # Slot-major (row j * N + i is image i's patch j), so that ghost BN puts image i's
+        # patches in image i's group (row % G = i % G).
+        local_features = self.backbone(patches.transpose(0, 1).flatten(0, 1))  # 4 x (9 * N, C_l, h'_l, w'_l)
         g = [head(c.mean(dim=(2, 3))) for head, c in zip(self.global_heads, global_features)]  # 4 x (N, 128)
-        # (N * 9, C_l) -> (N, 9 * C_l): each image's 9 patch vectors side by side, in slot order
-        l = [head(c.mean(dim=(2, 3)).reshape(N, -1)) for head, c in zip(self.local_heads, local_features)]
+        # (9 * N, C_l) -> (N, 9 * C_l): each image's 9 patch vectors side by side, in slot order
+        l = [head(c.mean(dim=(2, 3)).reshape(9, N, -1).transpose(0, 1).flatten(1))
+             for head, c in zip(self.local_heads, local_features)]
         return tuple(F.normalize(e, dim=1) for e in g + l)
 
 
@@ -213,7 +218,9 @@ class DetCo(nn.Module):
     def __init__(self, args):
         super().__init__()
         self.args = args
-        self.encoder_q = Encoder(args.arch)
+        encoder = Encoder(args.arch)
+        # Ghost BN (common.py): BN statistics over groups of --bn-batch samples, on both encoders
+        self.encoder_q = convert_to_ghost_batchnorm(encoder, args.batch_size // world_size(), args.bn_batch)
         self.encoder_k = copy.deepcopy(self.encoder_q).requires_grad_(False)
         # Queue_g of res2..res5, then Queue_l of res2..res5: the order of the embeddings.
         self.queues = nn.ModuleList(MomentumQueue(args.queue_size) for _ in range(2 * len(LEVELS)))
@@ -227,7 +234,7 @@ class DetCo(nn.Module):
         q = self.encoder_q(im_q, patches_q)  # 8 x (N, 128)
         ema_update(self.encoder_k, self.encoder_q, self.args.ema)
         # Shuffle BN: an image's global view and its patch set share one permutation.
-        k = shuffled_key_forward(self.encoder_k, (im_k, patches_k), self.args.bn_batch)  # 8 x (N, 128)
+        k = shuffled_key_forward(self.encoder_k, (im_k, patches_k))  # 8 x (N, 128)
         queues = [queue.keys.clone() for queue in self.queues]  # enqueue writes in place
         loss, terms = detco_loss(q, k, queues, self.args.level_weights, self.args.temperature)
         for queue, key in zip(self.queues, k):

@@ -48,9 +48,10 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageDraw, ImageFilter
 
 from common import (IMAGENET_MEAN, IMAGENET_STD, ImageFolderSource, MomentumQueue, ResNetTrunk, ToyWorld,
-                    UnreadableImages, agreed_checkpoint, bench_loader, check_args, check_unreadable, draw_colour,
-                    ema_update, load_backbone, open_source, photometric, plot_log, raise_interrupt, resume_epoch,
-                    shuffled_key_forward, stop_interrupted, to_rgb)
+                    UnreadableImages, agreed_checkpoint, bench_loader, check_args, check_unreadable,
+                    convert_to_ghost_batchnorm, draw_colour, ema_update, load_backbone, open_source, photometric,
+                    plot_log, raise_interrupt, resume_epoch, shuffled_key_forward, stop_interrupted, to_rgb,
+                    world_size)
 
 # ---------------------------------------------------------------------------------------
 # Arguments
@@ -81,7 +82,7 @@ def get_args(argv=None):
     parser.add_argument("--queue-size", type=int, default=65536, help="K, keys in the queue")
     parser.add_argument("--temperature", type=float, default=0.2, help="tau of InfoNCE")
     parser.add_argument("--ema", type=float, default=0.999, help="m, key encoder momentum")
-    parser.add_argument("--bn-batch", type=int, default=32, help="samples per shuffle-BN chunk (per-GPU batch of the paper)")
+    parser.add_argument("--bn-batch", type=int, default=32, help="samples per BatchNorm group, both encoders (per-GPU batch of the paper)")
     parser.add_argument("--output-dir", default="runs/dilo", help="checkpoint.pth, backbone.pth, log.jsonl, loss.png")
     parser.add_argument("--resume", default="auto", help="'auto' (output-dir/checkpoint.pth if present), a path, or 'none'")
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast; None: on for CUDA, off on CPU")
@@ -430,7 +431,9 @@ class DiLo(nn.Module):
     def __init__(self, args):
         super().__init__()
         self.args = args
-        self.encoder_q = Encoder(args.arch)
+        encoder = Encoder(args.arch)
+        # Ghost BN (common.py): BN statistics over groups of --bn-batch samples, on both encoders
+        self.encoder_q = convert_to_ghost_batchnorm(encoder, args.batch_size // world_size(), args.bn_batch)
         self.encoder_k = copy.deepcopy(self.encoder_q).requires_grad_(False)
         self.queue = MomentumQueue(args.queue_size)
 
@@ -440,7 +443,7 @@ class DiLo(nn.Module):
             im_q, im_k = photometric(im_q, colour[:, 0]), photometric(im_k, colour[:, 1])
         q = self.encoder_q(im_q)  # (N, 128)
         ema_update(self.encoder_k, self.encoder_q, self.args.ema)
-        k = shuffled_key_forward(self.encoder_k, (im_k,), self.args.bn_batch)  # (N, 128)
+        k = shuffled_key_forward(self.encoder_k, (im_k,))  # (N, 128)
         loss, acc = info_nce(q, k, self.queue.keys.clone(), self.args.temperature)  # enqueue writes in place
         self.queue.enqueue(k)
         return loss, {"loss": loss.detach(), "acc": acc,  # and what the data loader did:

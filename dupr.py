@@ -77,9 +77,9 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageDraw
 
 from common import (HeldOut, IMAGENET_MEAN, IMAGENET_STD, MomentumQueue, ResNetTrunk, UnreadableImages,
-                    agreed_checkpoint, bench_loader, check_args, check_unreadable, draw_colour, ema_update,
-                    load_backbone, open_source, photometric, plot_log, raise_interrupt, resume_epoch, roi_align_boxes,
-                    shuffled_key_forward, stop_interrupted)
+                    agreed_checkpoint, bench_loader, check_args, check_unreadable, convert_to_ghost_batchnorm,
+                    draw_colour, ema_update, load_backbone, open_source, photometric, plot_log, raise_interrupt,
+                    resume_epoch, roi_align_boxes, shuffled_key_forward, stop_interrupted, world_size)
 
 # ---------------------------------------------------------------------------------------
 # Arguments
@@ -111,7 +111,7 @@ def get_args(argv=None):
     parser.add_argument("--queue-size", type=int, default=65536, help="K, keys in the queue")
     parser.add_argument("--temperature", type=float, default=0.2, help="tau of InfoNCE")
     parser.add_argument("--ema", type=float, default=0.999, help="m, key encoder momentum")
-    parser.add_argument("--bn-batch", type=int, default=32, help="samples per shuffle-BN chunk (per-GPU batch of the paper)")
+    parser.add_argument("--bn-batch", type=int, default=32, help="samples per BatchNorm group, both encoders (per-GPU batch of the paper)")
     parser.add_argument("--output-dir", default="runs/dupr", help="checkpoint.pth, backbone.pth, log.jsonl, loss.png")
     parser.add_argument("--resume", default="auto", help="'auto' (output-dir/checkpoint.pth if present), a path, or 'none'")
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast; None: on for CUDA, off on CPU")
@@ -258,7 +258,9 @@ class DUPR(nn.Module):
     def __init__(self, args):
         super().__init__()
         self.args = args
-        self.encoder_q = Encoder(args.arch, args.alpha, args.beta, args.roi_size)
+        encoder = Encoder(args.arch, args.alpha, args.beta, args.roi_size)
+        # Ghost BN (common.py): BN statistics over groups of --bn-batch samples, on both encoders
+        self.encoder_q = convert_to_ghost_batchnorm(encoder, args.batch_size // world_size(), args.bn_batch)
         self.encoder_k = copy.deepcopy(self.encoder_q).requires_grad_(False)
         # NOTE: sec. 3.2.3, "a unique memory bank for each ... contrastive loss in eq. 2"
         self.image_queues = nn.ModuleDict({m: MomentumQueue(args.queue_size) for m in self.encoder_q.image_heads})
@@ -273,7 +275,7 @@ class DUPR(nn.Module):
         q = self.encoder_q(im_q, B_q, flip_q)  # v^(m) (N, 128) per image level, then r^(m) (N, S*S, 128)
         ema_update(self.encoder_k, self.encoder_q, self.args.ema)
         # Shuffle BN: the boxes and flips travel with their images; only embeddings come back.
-        k = shuffled_key_forward(self.encoder_k, (im_k, B_k, flip_k), self.args.bn_batch)
+        k = shuffled_key_forward(self.encoder_k, (im_k, B_k, flip_k))
         k = k if isinstance(k, tuple) else (k,)
         images = list(enumerate(self.image_queues.items()))  # (index into q and k, (m, queue))
         patches = list(enumerate(self.patch_queues.items(), start=len(images)))

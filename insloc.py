@@ -64,9 +64,9 @@ from PIL import Image, ImageDraw
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
 
 from common import (HeldOut, IMAGENET_MEAN, IMAGENET_STD, MomentumQueue, ResNetTrunk, UnreadableImages,
-                    agreed_checkpoint, bench_loader, check_args, check_unreadable, draw_colour, ema_update,
-                    load_backbone, open_source, photometric, plot_log, raise_interrupt, resume_epoch, roi_align_boxes,
-                    shuffled_key_forward, stop_interrupted)
+                    agreed_checkpoint, bench_loader, check_args, check_unreadable, convert_to_ghost_batchnorm,
+                    draw_colour, ema_update, load_backbone, open_source, photometric, plot_log, raise_interrupt,
+                    resume_epoch, roi_align_boxes, shuffled_key_forward, stop_interrupted, world_size)
 
 # ---------------------------------------------------------------------------------------
 # Arguments
@@ -97,7 +97,7 @@ def get_args(argv=None):
     parser.add_argument("--queue-size", type=int, default=65536, help="K, keys in the queue")
     parser.add_argument("--temperature", type=float, default=0.2, help="tau of InfoNCE")
     parser.add_argument("--ema", type=float, default=0.999, help="m, key encoder momentum")
-    parser.add_argument("--bn-batch", type=int, default=32, help="samples per shuffle-BN chunk (per-GPU batch of the paper)")
+    parser.add_argument("--bn-batch", type=int, default=32, help="samples per BatchNorm group, both encoders (per-GPU batch of the paper)")
     parser.add_argument("--output-dir", default="runs/insloc", help="checkpoint.pth, backbone.pth, log.jsonl, loss.png")
     parser.add_argument("--resume", default="auto", help="'auto' (output-dir/checkpoint.pth if present), a path, or 'none'")
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast; None: on for CUDA, off on CPU")
@@ -282,7 +282,9 @@ class EncoderFPN(nn.Module):
         pyramid = self.fpn(OrderedDict(zip(self.levels, self.backbone(x))))  # P2..P5, (N, 256, S/4, S/4) ...
         rois = [roi_align_boxes(p, boxes[:, l], 7, stride)  # each (N, 256, 7, 7), no level assignment
                 for l, (p, stride) in enumerate(zip(pyramid.values(), self.backbone.strides))]
-        z = self.projection(self.box_head(torch.cat(rois)))  # (4N, 128), all levels in one batch
+        # (4N, 128), all levels in one batch, level-major: row l * N + i is image i's RoI, so that
+        # ghost BN puts it in image i's group (row % G = i % G)
+        z = self.projection(self.box_head(torch.cat(rois)))
         return F.normalize(z, dim=1).reshape(len(rois), len(x), -1).transpose(0, 1)  # (N, 4, 128)
 
     def torchvision_state_dict(self):
@@ -297,7 +299,9 @@ class InsLoc(nn.Module):
     def __init__(self, args):
         super().__init__()
         self.args = args
-        self.encoder_q = (EncoderC4 if args.variant == "c4" else EncoderFPN)(args.arch)
+        encoder = (EncoderC4 if args.variant == "c4" else EncoderFPN)(args.arch)
+        # Ghost BN (common.py): BN statistics over groups of --bn-batch samples, on both encoders
+        self.encoder_q = convert_to_ghost_batchnorm(encoder, args.batch_size // world_size(), args.bn_batch)
         self.encoder_k = copy.deepcopy(self.encoder_q).requires_grad_(False)
         # One queue per level: a level never meets another level's keys ("cross-level cheating").
         self.queues = nn.ModuleList(MomentumQueue(args.queue_size) for _ in self.encoder_q.levels)
@@ -312,7 +316,7 @@ class InsLoc(nn.Module):
         q = self.encoder_q(im_q, boxes_q)  # (N, L, 128)
         ema_update(self.encoder_k, self.encoder_q, self.args.ema)
         boxes_k = box_k[:, None].expand(-1, L, -1)  # (N, L, 4): the key always pools the true box
-        k = shuffled_key_forward(self.encoder_k, (im_k, boxes_k), self.args.bn_batch)  # (N, L, 128)
+        k = shuffled_key_forward(self.encoder_k, (im_k, boxes_k))  # (N, L, 128)
         losses, accs = [], []
         for l, queue in enumerate(self.queues):
             loss_l, acc_l = info_nce(q[:, l], k[:, l], queue.keys.clone(), self.args.temperature)

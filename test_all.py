@@ -128,7 +128,7 @@ def test_shuffled_key_forward_equals_plain_forward_for_per_sample_fn():
     x, boxes = torch.randn(10, 4), torch.randn(10, 4)
     linear = nn.Linear(4, 2)
     fn = lambda images, b: (linear(images), images.sum(1, keepdim=True) + b)  # per-sample, two outputs
-    out, moved = common.shuffled_key_forward(fn, (x, boxes), bn_batch=3)
+    out, moved = common.shuffled_key_forward(fn, (x, boxes))
     assert torch.allclose(out, linear(x), atol=1e-6)
     assert torch.allclose(moved, x.sum(1, keepdim=True) + boxes, atol=1e-6)  # boxes travel with images
 
@@ -137,10 +137,10 @@ def test_shuffled_key_forward_changes_bn_statistics():
     torch.manual_seed(0)
     x = torch.randn(16, 4) * torch.linspace(0.5, 3, 16)[:, None]
     bn = nn.BatchNorm1d(4).train()
-    chunked = common.shuffled_key_forward(bn, (x,), bn_batch=4)
-    whole = common.shuffled_key_forward(bn, (x,), bn_batch=16)
-    assert torch.allclose(whole, bn(x), atol=1e-5)  # one chunk = plain BN, order restored
-    assert (chunked - whole).abs().max() > 0.1  # four chunks normalise with other statistics
+    grouped = common.shuffled_key_forward(common.convert_to_ghost_batchnorm(copy.deepcopy(bn), 16, 4), (x,))
+    whole = common.shuffled_key_forward(bn, (x,))
+    assert torch.allclose(whole, bn(x), atol=1e-5)  # one group = plain BN, order restored
+    assert (grouped - whole).abs().max() > 0.1  # four ghost-BN groups normalise with other statistics
 
 
 def test_trunk_state_dict_is_torchvision_resnet():
@@ -268,7 +268,7 @@ def test_dilo_training_reduces_infonce_on_fixed_views():
     """The gradient path works: on fixed views of 32 images the InfoNCE loss falls well below
     ln(K + 1) once the queue is full (a 1-minute run on fresh views does not get that far)."""
     torch.manual_seed(0)
-    args = dilo.get_args(SMALL + ["--queue-size", "256", "--bn-batch", "8"])
+    args = dilo.get_args(SMALL + ["--queue-size", "256", "--bn-batch", "8", "--batch-size", "32"])  # BN groups of 8
     model = dilo.DiLo(args)
     world = common.ToyWorld(32, 36)
     images = [torchvision.transforms.v2.functional.pil_to_tensor(world[i][0]) for i in range(32)]
@@ -867,13 +867,13 @@ def test_insloc_box_augmentation_overlaps_and_varies():
 
 @pytest.mark.parametrize("variant", ["c4", "fpn"])
 def test_insloc_shuffle_bn_moves_boxes_with_images(variant):
-    """Shuffled, chunked key forward == plain forward when BN uses fixed statistics (eval)."""
+    """Shuffled key forward == plain forward when BN uses fixed statistics (eval)."""
     torch.manual_seed(0)
     args = insloc.get_args(["--tiny", "--image-size", "32", "--variant", variant])
     encoder = insloc.InsLoc(args).encoder_k.eval()
     x, boxes = torch.randn(6, 3, 32, 32), insloc.make_anchors(32)[torch.randint(5120, (6, 4))]  # (6, 4, 4)
     boxes = boxes[:, :len(encoder.levels)]
-    shuffled = common.shuffled_key_forward(encoder, (x, boxes), bn_batch=4)
+    shuffled = common.shuffled_key_forward(encoder, (x, boxes))
     assert shuffled.shape == (6, len(encoder.levels), 128)
     assert torch.allclose(shuffled, encoder(x, boxes), atol=1e-5)
     moved = encoder(x, boxes.roll(1, dims=0))  # another box per image changes the embedding
@@ -1913,6 +1913,183 @@ def test_detect_wrong_resnet_depth_is_named(tmp_path, capsys):
     lines, = _detect_cli_errors([["--pretrained", str(tmp_path / "r34.pth"), "--train-images", "4", "--output-dir", str(tmp_path / "run34")]])
     assert lines == [f"error: --pretrained {tmp_path / 'r34.pth'} has 8 ResNet keys that a resnet18 lacks "
                      "(e.g. layer1.2.conv1.weight); it looks like a resnet34 backbone: pass --arch resnet34"]
+# --- ghost BatchNorm (issue 23) ---
+
+
+@pytest.mark.parametrize("bn_class, shape", [(nn.BatchNorm2d, (5, 3, 4, 6)), (nn.BatchNorm1d, (5, 3)),
+                                             (nn.BatchNorm1d, (5, 3, 7))])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_ghost_bn_equals_one_batchnorm_per_group(bn_class, shape, momentum):
+    """Ghost BN over G groups == G separate nn.BatchNorm forwards on rows g, g + G, ... (fp64):
+    outputs, input and weight gradients, and running statistics (the average of the G)."""
+    torch.manual_seed(0)
+    G, n = 4, shape[0]
+    bn = bn_class(shape[1], momentum=momentum).double()
+    with torch.no_grad():
+        for tensor in (bn.weight, bn.bias, bn.running_mean):
+            tensor.normal_()
+        bn.running_var.uniform_(0.5, 2)
+    separate = [copy.deepcopy(bn) for _ in range(G)]
+    ghost = common.convert_to_ghost_batchnorm(copy.deepcopy(bn), G * n, n)
+    assert type(ghost).__name__ == "Ghost" + bn_class.__name__ and ghost.groups == G
+    for step in range(3):  # the running statistics' update from a non-initial state, and num_batches_tracked
+        x = (3 * torch.randn(G * n, *shape[1:], dtype=torch.float64) + 1).requires_grad_()
+        x_ref = x.detach().clone().requires_grad_()
+        weights = torch.randn_like(x)  # a loss that is not symmetric in the outputs
+        ghost.zero_grad(), [reference.zero_grad() for reference in separate]
+        y = ghost(x)
+        (y * weights).sum().backward()
+        y_ref = torch.stack([reference(x_ref[g::G]) for g, reference in enumerate(separate)], 1).flatten(0, 1)
+        (y_ref * weights).sum().backward()
+        assert (y - y_ref).abs().max() < 1e-6
+        assert (x.grad - x_ref.grad).abs().max() < 1e-6
+        for name in ("weight", "bias"):
+            reference_grad = sum(getattr(reference, name).grad for reference in separate)
+            assert (getattr(ghost, name).grad - reference_grad).abs().max() < 1e-6
+        for name in ("running_mean", "running_var"):
+            average = torch.stack([getattr(reference, name) for reference in separate]).mean(0)
+            assert (getattr(ghost, name) - average).abs().max() < 1e-6
+        assert int(ghost.num_batches_tracked) == int(separate[0].num_batches_tracked) == step + 1
+    assert (y - bn.train()(x.detach())).abs().max() > 0.1  # one BN over the whole batch differs
+    x = torch.randn(G * n, *shape[1:], dtype=torch.float64)
+    plain = bn_class(shape[1], momentum=momentum).double()
+    plain.load_state_dict(ghost.state_dict())
+    assert torch.equal(ghost.eval()(x), plain.eval()(x))  # eval: the running statistics, as nn.BatchNorm
+
+
+def test_ghost_bn_is_plain_batchnorm_when_bn_batch_covers_the_local_batch():
+    """--bn-batch >= local batch (8 GPUs x 32): bitwise nn.BatchNorm2d, gradients and statistics too."""
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(3)
+    ghost = common.convert_to_ghost_batchnorm(copy.deepcopy(bn), 32, 32)
+    assert ghost.groups == 1
+    x = torch.randn(32, 3, 5, 5, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    ghost(x).square().sum().backward()
+    bn(x_ref).square().sum().backward()
+    assert torch.equal(x.grad, x_ref.grad) and torch.equal(ghost.weight.grad, bn.weight.grad)
+    assert all(torch.equal(a, b) for a, b in zip(ghost.state_dict().values(), bn.state_dict().values()))
+
+
+@pytest.mark.parametrize("module, model_class, extra", [
+    (dilo, "DiLo", []), (dupr, "DUPR", []), (detco, "DetCo", []),
+    (insloc, "InsLoc", ["--variant", "c4"]), (insloc, "InsLoc", ["--variant", "fpn"])])
+def test_ghost_bn_on_every_bn_of_both_encoders_with_torchvision_keys(module, model_class, extra):
+    """Every BN of both encoders (trunk, InsLoc's FPN and box head) is ghost BN with G = local
+    batch / --bn-batch; state_dict keys and backbone.pth / fpn. / box_head. exports are torchvision's."""
+    args = module.get_args(["--tiny", "--batch-size", "8", "--bn-batch", "4"] + extra)
+    model = getattr(module, model_class)(args)
+    for encoder in (model.encoder_q, model.encoder_k):
+        norms = [m for m in encoder.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        assert norms and all(isinstance(m, common.GhostBatchNorm2d) and m.groups == 2 for m in norms)
+    if "fpn" in extra:
+        assert any(isinstance(m, common.GhostBatchNorm2d) for m in model.encoder_q.fpn.modules())
+        assert any(isinstance(m, common.GhostBatchNorm2d) for m in model.encoder_q.box_head.modules())
+        plain = insloc.EncoderFPN(args.arch)
+        assert list(model.encoder_q.torchvision_state_dict()) == list(plain.torchvision_state_dict())
+    resnet = {k: v for k, v in torchvision.models.resnet18().state_dict().items() if not k.startswith("fc.")}
+    assert list(model.encoder_q.backbone.state_dict()) == list(resnet)
+    torchvision_resnet = torchvision.models.resnet50()
+    keys = list(torchvision_resnet.state_dict())
+    converted = common.convert_to_ghost_batchnorm(torchvision_resnet, 256, 32)
+    assert isinstance(converted.layer4[2].bn3, common.GhostBatchNorm2d) and list(converted.state_dict()) == keys
+
+
+def test_bn_batch_must_divide_the_local_batch():
+    command = [sys.executable, "dilo.py", "--tiny", "--batch-size", "12", "--bn-batch", "8", "--steps", "1",
+               "--workers", "0", "--output-dir", "/nonexistent/never-written"]
+    result = subprocess.run(command, cwd=HERE, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == "error: --bn-batch 8 does not divide the per-process batch 12"
+
+
+GHOST_METHODS = [("dilo", "DiLo", ["--paste-prob", "0"]), ("detco", "DetCo", []), ("insloc", "InsLoc", ["--variant", "fpn"])]
+
+
+def _ghost_bn_steps(method, model_class, extra, bn_batch=4, steps=3, B=8, size=32):
+    """`steps` SGD steps of `method` (fp64) on fixed random batches of B samples and fixed key
+    permutations. World size 2: rank r takes rows r, r + 2, ... (as DistributedSampler would) and
+    BN sees its B/2 rows; world size 1 with --bn-batch B/2: ghost BN groups rows g, g + 2, ... and
+    the key permutation is arranged so that group g holds exactly rank g's keys. Returns, averaged
+    over ranks: the loss and the query encoder's gradients per step, and every BN running statistic."""
+    module = __import__(method)
+    world, rank = common.world_size(), (torch.distributed.get_rank() if common.world_size() > 1 else 0)
+    torch.manual_seed(0)
+    args = module.get_args(["--tiny", "--image-size", str(size), "--batch-size", str(B), "--bn-batch", str(bn_batch),
+                            "--queue-size", str(2 * B)] + extra)
+    model = getattr(module, model_class)(args).double().train()
+    for queue in (m for m in model.modules() if isinstance(m, common.MomentumQueue)):
+        queue.float()  # InfoNCE runs in fp32 (q.float() @ queue.t())
+    optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=0.1, momentum=0.9)
+    generator = torch.Generator().manual_seed(1)
+    L = B // 2  # samples per rank of the two-process run = per BN group of the one-process run
+    to_full = lambda x: (x % L) * 2 + x // L  # row of the two-process gathered batch -> row of the full batch
+    average = lambda t: (torch.distributed.all_reduce(t), t / world)[1] if world > 1 else t
+    broadcast_permutation, records = common._broadcast_permutation, []
+    try:
+        for _ in range(steps):
+            image = lambda *shape: torch.randn(B, *shape, generator=generator, dtype=torch.float64)
+            if method == "dilo":
+                batch = (image(3, size, size), image(3, size, size), torch.zeros(B, 2, dtype=torch.bool),
+                         torch.ones(B, dtype=torch.bool))
+            elif method == "detco":
+                p = detco.local_sizes(size)[2]
+                batch = (image(3, size, size), image(3, size, size), image(9, 3, p, p), image(9, 3, p, p))
+            else:
+                corner = torch.rand(B, 3, 2, generator=generator, dtype=torch.float64) * size / 2
+                boxes = torch.cat([corner, corner + size / 4 + torch.rand(B, 3, 2, generator=generator,
+                                                                          dtype=torch.float64) * size / 4], 2)
+                batch = (image(3, size, size), image(3, size, size), boxes[:, 0], boxes[:, 1], boxes[:, 2])
+            P = torch.randperm(B, generator=generator)  # the two-process run's key permutation
+            perm = P if world == 2 else to_full(P).view(2, L).t().flatten()
+            common._broadcast_permutation = lambda n, device: perm
+            loss, _ = model(*[t[rank::world] for t in batch])
+            optimizer.zero_grad()
+            loss.backward()
+            for p in model.encoder_q.parameters():
+                p.grad = average(p.grad)
+            optimizer.step()
+            grads = torch.cat([p.grad.flatten() for p in model.encoder_q.parameters()])
+            records.append((average(loss.detach()), grads))
+    finally:
+        common._broadcast_permutation = broadcast_permutation
+    statistics = {name: average(b.detach().clone()) for name, b in model.named_buffers() if "running" in name}
+    return {"loss": torch.stack([r[0] for r in records]), "grads": torch.stack([r[1] for r in records]),
+            "statistics": statistics}
+
+
+GHOST_RANKS = """
+import sys, torch, torch.distributed as dist
+sys.path.insert(0, {here!r})
+dist.init_process_group("gloo")
+import test_all
+results = {{method: test_all._ghost_bn_steps(method, model_class, extra) for method, model_class, extra in test_all.GHOST_METHODS}}
+if dist.get_rank() == 0:
+    torch.save(results, {out!r})
+"""
+
+
+def test_ghost_bn_one_process_equals_two_processes(tmp_path):
+    """One process, local batch 8, --bn-batch 4 == two gloo processes of 4 (per-GPU BN), for 3 SGD
+    steps of DiLo (MoCo v2), DetCo (patches) and InsLoc R50-FPN (FPN and box head BN): same loss,
+    gradients, and running statistics (the two ranks' average), given the same samples and keys."""
+    script = tmp_path / "ranks.py"
+    script.write_text(GHOST_RANKS.format(here=HERE, out=str(tmp_path / "two.pth")))
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29631", str(script)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    two = torch.load(tmp_path / "two.pth", weights_only=True)
+    for method, model_class, extra in GHOST_METHODS:
+        one = _ghost_bn_steps(method, model_class, extra)
+        # fp64 models; InfoNCE is fp32 (gradients up to ~10 agree to ~2e-6)
+        assert (one["loss"] - two[method]["loss"]).abs().max() < 1e-5, method
+        assert (one["grads"] - two[method]["grads"]).abs().max() < 1e-5, method
+        assert one["statistics"].keys() == two[method]["statistics"].keys()
+        for name, value in one["statistics"].items():
+            assert (value - two[method]["statistics"][name]).abs().max() < 1e-6, (method, name)
+        if method == "dilo":  # without ghost BN (the query's BN sees all 8) the runs differ
+            plain = _ghost_bn_steps(method, model_class, extra, bn_batch=8)
+            assert (plain["loss"] - two[method]["loss"]).abs().max() > 0.05
 
 
 if __name__ == "__main__":
