@@ -567,9 +567,9 @@ def test_dupr_no_overlap_pairs_are_skipped_and_counted():
     expected = sum(a * terms[f"image_{m}"] for m, a in zip(dupr.LEVELS, args.alpha) if a > 0)
     expected += sum(b * terms[f"patch_{m}"] for m, b in zip(dupr.LEVELS, args.beta) if b > 0)
     assert torch.allclose(loss, expected)  # eq. 2
-    for m, queue in model.patch_queues.items():  # 32 of the 6 valid images' S*S cells (or all if fewer)
+    for m, queue in model.patch_queues.items():  # 8 (256 per 256 images) of the 6 valid images' S*S cells
         S = model.encoder_q.S[m]
-        assert int(queue.ptr) == (pointers[m] + min(args.patch_enqueue, 6 * S * S)) % args.queue_size
+        assert int(queue.ptr) == (pointers[m] + min(args.patch_enqueue * 8 // 256, 6 * S * S)) % args.queue_size
     # Eq. 7 as a mean over valid (image, position) queries, against a plain loop.
     r_q, r_k = (nn.functional.normalize(torch.randn(8, 9, 16), dim=2) for _ in range(2))
     queue = nn.functional.normalize(torch.randn(20, 16), dim=1)
@@ -581,7 +581,7 @@ def test_dupr_no_overlap_pairs_are_skipped_and_counted():
     keys = {m: queue.keys.clone() for m, queue in model.patch_queues.items()}
     loss, terms = model(im_q, im_k, crop_q, far, flips, flips)
     loss.backward()
-    assert float(terms["no_overlap"]) == 1 and all(float(terms[f"patch_{m}"]) == 0 for m in keys)
+    assert float(terms["no_overlap"]) == 1 and not any("patch_" in name for name in terms)  # not logged as 0
     assert all(torch.equal(keys[m], model.patch_queues[m].keys) for m in keys)
 
 
