@@ -72,11 +72,13 @@ class ResNetTrunk(nn.Module):
         return [c2, c3, c4, self.layer4(c4)]
 
 
-def roi_align_boxes(features, boxes, output_size, stride, batch_index=None):
+def roi_align_boxes(features, boxes, output_size, stride, sampling_ratio, batch_index=None):
     """RoIAlign one box per row of `boxes` (N, 4) xyxy in input-image pixels.
 
     Box i is pooled from image `batch_index[i]` (default: image i). aligned=True shifts by
     half a pixel so that a box [0, W] covers exactly the feature map (Detectron2 convention).
+    sampling_ratio: bilinear samples per bin side; 0 = adaptive, ceil(bin size in feature
+    cells), so a bin's samples are at most one cell apart (each trainer says which it uses).
     Returns (N, C, S, S).
     """
     if batch_index is None:
@@ -84,7 +86,7 @@ def roi_align_boxes(features, boxes, output_size, stride, batch_index=None):
     rois = torch.cat([batch_index.to(boxes.dtype)[:, None], boxes], dim=1)  # (N, 5)
     # fp32 on purpose: bf16 box coordinates would be rounded by up to a pixel above 128.
     return torchvision.ops.roi_align(features.float(), rois.float(), output_size, spatial_scale=1.0 / stride,
-                                     sampling_ratio=2, aligned=True).to(features.dtype)
+                                     sampling_ratio=sampling_ratio, aligned=True).to(features.dtype)
 
 
 RESNET_BY_BLOCKS = {(False, 2): "resnet18", (False, 6): "resnet34", (True, 6): "resnet50",

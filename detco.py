@@ -29,7 +29,19 @@ NOTE: heads (the paper gives no widths; the authors' issue #6 asks): per level C
   (ResNet-50: global 6.1M, local 50.6M, of which res5's local head alone is 38.0M).
 NOTE: jigsaw sizes scale with --image-size S in one place, `local_sizes`: cell =
   round(85 S / 224), crop = 3 cell (the grid tiles the crop exactly), patch = round(64 S / 224):
-  224 -> 255 / 85 / 64 (the paper), 64 (--tiny) -> 72 / 24 / 18.
+  224 -> 255 / 85 / 64, 64 (--tiny) -> 72 / 24 / 18.
+NOTE: where the numbers come from. The talk slides give neither the level weights nor the jigsaw
+  geometry. The DetCo paper (arXiv 2102.04803) weights shallow levels less; the values 0.1, 0.4,
+  0.7, 1.0 are those DUPR's paper states for the same four levels (its sec. 3.2.3; the papers share
+  authors); we could not check the DetCo text for them. The 255 crop at scale (0.6, 1), 3 x 3 cells
+  of 85 and 64 px patches are PIRL's jigsaw (Misra, van der Maaten, CVPR 2020, arXiv 1912.01991)
+  as PyContrast builds it (RandomResizedCrop(255, scale=(0.6, 1)), then JigsawCrop(n_grid=3,
+  img_size=255, crop_size=64)), the codebase DUPR's authors took their PIRL weights from.
+NOTE: colour jitter is MoCo v2's (0.4, 0.4, 0.4, hue 0.1), shared with the other trainers. The
+  OpenSelfSup MoCo v2 config (the codebase DetCo's authors name) had hue 0.4 until commit bc05268
+  "fix moco v2 hue" (Sep 2020, five months before DetCo's arXiv v1) set it to MoCo v2's 0.1; which
+  one DetCo ran is not published. The RandAugment / AutoAugment of the paper's strongest rows is
+  not built: this is the MoCo v2-augmentation recipe.
 NOTE: colour jitter, grayscale and blur are drawn once per local set: the 9 patches of a set share
   one colour draw (PIRL jitters each patch; the spec lists colour before the split). They run on
   the training device on the cut patches (common.photometric), so the contrast mean is that of
@@ -286,7 +298,7 @@ def train_one_epoch(model, loader, optimizer, epoch, args, log):  # Same as in d
     """One epoch (or --steps iterations): cosine lr per iteration, bf16 autocast, NaN guard, logs."""
     model.train()
     steps = min(args.steps, len(loader)) if args.steps else len(loader)
-    sums, end = {}, time.time()
+    sums, counts, end = {}, {}, time.time()
     since, window, waited = end, 0, 0.0  # img/s and data time average the steps since the last line
     for it, batch in enumerate(loader):
         if it == steps:
@@ -308,15 +320,16 @@ def train_one_epoch(model, loader, optimizer, epoch, args, log):  # Same as in d
         loss.backward()
         optimizer.step()
         terms = {name: float(value) for name, value in terms.items()}
-        for name, value in terms.items():
+        for name, value in terms.items():  # a term a step leaves out (DUPR: no overlap) is not averaged
             sums[name] = sums.get(name, 0.0) + value
+            counts[name] = counts.get(name, 0) + 1
         end, window, waited = time.time(), window + 1, waited + data_time
         if it % args.print_freq == 0 or it == steps - 1:
             log({"epoch": epoch, "iteration": it, "steps": steps, "lr": lr, **terms,
                  "img_per_s": window * args.batch_size / (end - since), "data_time": waited / window,
                  "step_time": (end - since) / window, "memory_mb": peak_memory_mb(args)})
             since, window, waited = end, 0, 0.0
-    return {name: value / steps for name, value in sums.items()}
+    return {name: value / counts[name] for name, value in sums.items()}
 
 
 # ---------------------------------------------------------------------------------------

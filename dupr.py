@@ -19,7 +19,7 @@ by geometry, not by feature similarity, so the feature maps learn to tell places
 Recipe (defaults, the paper's ablation setting, sec. 3.2.3): MoCo v2 augmentation,
 ResNet-50, loss eq. 2 with alpha = (0.1, 0.4, 0.7, 1.0) on conv2..conv5 and
 beta = (0, 0, 1, 1), S = 14 on conv4_x and 7 on conv5_x, tau 0.2, one queue of
-K = 65536 per loss term, 32 patch keys enqueued per step, m 0.999, lr 0.06 per 256,
+K = 65536 per loss term, 32 patch keys enqueued per 256 images, m 0.999, lr 0.06 per 256,
 cosine, 200 epochs.
 Expected (paper Table VII b, this recipe): VOC07+12 Faster R-CNN R50-C4 AP 58.5 / AP50 83.2
 / AP75 65.2; COCO Mask R-CNN R50-FPN 1x AP_bb 40.0 / AP_mk 36.2 (MoCo v2: 57.0 / 38.9).
@@ -37,12 +37,16 @@ MoCo v2's head, one per level. g^(m) (patch): the paper's "pixel-wise MLP implem
 Every embedding is L2-normalised (per position for patches). g_2, h_2 are the momentum copies.
 NOTE: the loss is asymmetric (view 1 = query, view 2 = key), as MoCo v2.
 NOTE: patch negatives are the queue only (eq. 7), not other cells of the batch.
-NOTE: "we sample 32 patch features per batch": each process enqueues --patch-enqueue 32 key
-patch vectors per patch level and step, drawn uniformly without replacement from the valid
-(image, position) pairs of its local batch (so 8 GPUs enqueue 256 per step).
+NOTE: "in a batch with 256 images, we sample 32 patch features": --patch-enqueue 32 key patch
+vectors per patch level and step per 256 images of GLOBAL batch, split over the processes (each
+enqueues its share, at least 1), drawn uniformly without replacement from the valid (image,
+position) pairs of its local batch. So the queues refresh at the same rate on any GPU count.
 NOTE: "no overlap" includes a degenerate intersection less than one original pixel wide or
-tall. Such a pair adds no patch loss and no patch keys; its image loss is kept. The share
-of such pairs is logged (`no_overlap`; the paper saw 51 of 1472).
+tall. Such a pair adds no patch loss and no patch keys; its image loss is kept; a batch with no
+overlapping pair is left out of the patch terms' epoch means. The share of such pairs is logged
+(`no_overlap`). The paper saw 51 of 1,472 (3.5%); MoCo v2 crops (scale 0.2-1) of a 500 x 375
+image give 0.4% (500 x 333: 1.2%), and scale 0.08-1 would give 3.0%: the authors' crops likely
+differed. We keep MoCo v2's crops (the paper's ablation setting says MoCo v2 augmentation).
 NOTE: the geometry. Each view records its crop box in original pixels and its flip flag.
 B is mapped into a view by x' = (x - crop_x1) * view_w / crop_w, then mirrored for a flipped
 view (x' -> view_w - x', endpoints swapped); the S x S RoIAlign output of a flipped view is
@@ -50,10 +54,14 @@ reversed along its width, so cell (r, c) covers the same original pixels in both
 (`intersection_in_views`, `roi_grid`; test_dupr_geometry checks it on coordinate images).
 NOTE: a level whose alpha (beta) is 0 has no image (patch) head and no queue.
 NOTE: cost. Eq. 7 makes each of the N x S*S cells a query against the whole queue: at K 65536
-and 32 images per GPU the conv4 patch logits are 7840 x 65537 (2.1 GB fp32 per copy), about 25%
-more FLOPs than a MoCo v2 step; the 1x1-conv patch heads add about 11% (README_dupr.md).
-NOTE: RoIAlign reads fp32 features: under bf16 autocast the box coordinates (via
-common.roi_align_boxes, which casts them to the features' dtype) would round by up to 0.5 px.
+and 32 images per GPU the conv4 patch logits are 6,272 x 65,537 (1.64 GB fp32 per copy), with
+conv5's 7,840 x 65,537 (2.1 GB), about 25% more FLOPs than a MoCo v2 step; the 1x1-conv patch
+heads add about 11% (README: DUPR).
+NOTE: RoIAlign runs in fp32 (common.roi_align_boxes casts features and boxes; bf16 boxes would
+round by up to 0.5 px at 224) with adaptive sampling, ceil(bin side / feature cell) points a
+side. The paper does not say; adaptive is Detectron2's default (the paper fine-tunes with it)
+and InsLoc's release. B is at most the view, so with S = the map's side a bin is at most one
+cell and is read at its centre, where a fixed 2 x 2 would only smooth within the cell.
 """
 import argparse
 import copy
@@ -89,11 +97,12 @@ from common import (HeldOut, IMAGENET_MEAN, IMAGENET_STD, MomentumQueue, ResNetT
 # (300 steps, about 80 s on 2 CPU cores): that is what it takes for all six loss terms to fall
 # with the paper's lr and m (README: DUPR, "What --tiny shows"); MoCo v2 alone needs about 1,250
 # steps (dilo.py: TINY). Every queue gets 32 keys a step, so 96 keys are the last 3 steps: no
-# queue holds an image's own older keys as negatives. roi_size = the feature maps' sides at 64 px
+# queue holds an image's own older keys as negatives (patch_enqueue 256 per 256 images = 32 per
+# step at batch 32, as the image queues). roi_size = the feature maps' sides at 64 px
 # (sec. 4.5.3: a larger S "will not acquire more useful information"; S = 14 on a 4 x 4 map
 # made a tiny step 1.6x slower).
 TINY = dict(data="synthetic", arch="resnet18", image_size=64, batch_size=32, queue_size=96, bn_batch=8,
-            epochs=1, workers=2, print_freq=20, roi_size=[16, 8, 4, 2], analysis_images=200)
+            epochs=1, workers=2, print_freq=20, roi_size=[16, 8, 4, 2], patch_enqueue=256, analysis_images=200)
 TINY_IMAGES = 9600
 LEVELS = ("conv2", "conv3", "conv4", "conv5")  # ResNetTrunk outputs, strides 4, 8, 16, 32
 
@@ -129,7 +138,8 @@ def get_args(argv=None):
     parser.add_argument("--roi-size", type=int, nargs=4, default=[56, 28, 14, 7],
                         help="S, side of the RoIAlign grid per level (used where beta > 0)")
     parser.add_argument("--patch-enqueue", type=int, default=32,
-                        help="key patch vectors enqueued per process, patch level and step")
+                        help="key patch vectors enqueued per patch level and step, per 256 images of global batch "
+                             "(split over processes, at least 1 each)")
     parser.add_argument("--iou-curve", nargs="+", default=[], metavar="BACKBONE", help="backbone.pth, checkpoint.pth or torchvision "
                         "ResNet state_dict files: write output-dir/iou_curve.png/.json and correspondence.png (Fig. 6, 7), then exit")
     parser.add_argument("--coco", nargs=2, default=None, metavar=("JSON", "DIR"), help="analysis images: a COCO annotation file and its image folder (default: the toy world's val split)")
@@ -218,7 +228,7 @@ def roi_grid(features, boxes, flipped, S, stride):
     """RoIAlign(f(I_v), B_v) of eq. 5-6 -> (N, C, S, S), read in original-image orientation:
     a flipped view's grid is reversed along its width, so that cell (r, c) covers the same
     original pixels in both views."""
-    grid = roi_align_boxes(features.float(), boxes, S, stride)  # (N, C, S, S); fp32: exact boxes under bf16
+    grid = roi_align_boxes(features, boxes, S, stride, sampling_ratio=0)  # (N, C, S, S)
     return torch.where(flipped[:, None, None, None], grid.flip(-1), grid)
 
 
@@ -289,10 +299,20 @@ class DUPR(nn.Module):
                 + sum(beta[m] * terms[f"patch_{m}"] for _, (m, _) in patches))
         for i, (m, queue) in images:
             queue.enqueue(k[i])
+        n = patch_keys_per_process(self.args.patch_enqueue, len(im_q) * world_size())
         for i, (m, queue) in patches:
-            queue.enqueue(sample_patch_keys(k[i], valid, self.args.patch_enqueue))
-        terms = {name: value.detach() for name, value in terms.items()}
+            queue.enqueue(sample_patch_keys(k[i], valid, n))
+        overlap = bool(valid.any())  # else the patch terms are left out of this step's log and the epoch means
+        terms = {name: value.detach() for name, value in terms.items() if overlap or "patch_" not in name}
         return loss, {"loss": loss.detach(), **terms, "no_overlap": 1 - valid.float().mean()}
+
+
+def patch_keys_per_process(per_256, global_batch):
+    """Sec. 3.2.3, "in a batch with 256 images, we sample 32 patch features": this process's share
+    of per_256 * global_batch / 256 keys (ranks below the remainder take one more; at least 1)."""
+    total = max(1, round(per_256 * global_batch / 256))
+    world, rank = world_size(), dist.get_rank() if world_size() > 1 else 0
+    return max(1, total // world + (rank < total % world))
 
 
 def sample_patch_keys(r_k, valid, n):
@@ -337,7 +357,7 @@ def train_one_epoch(model, loader, optimizer, epoch, args, log):  # Same as in d
     """One epoch (or --steps iterations): cosine lr per iteration, bf16 autocast, NaN guard, logs."""
     model.train()
     steps = min(args.steps, len(loader)) if args.steps else len(loader)
-    sums, end = {}, time.time()
+    sums, counts, end = {}, {}, time.time()
     since, window, waited = end, 0, 0.0  # img/s and data time average the steps since the last line
     for it, batch in enumerate(loader):
         if it == steps:
@@ -359,15 +379,16 @@ def train_one_epoch(model, loader, optimizer, epoch, args, log):  # Same as in d
         loss.backward()
         optimizer.step()
         terms = {name: float(value) for name, value in terms.items()}
-        for name, value in terms.items():
+        for name, value in terms.items():  # a term a step leaves out (DUPR: no overlap) is not averaged
             sums[name] = sums.get(name, 0.0) + value
+            counts[name] = counts.get(name, 0) + 1
         end, window, waited = time.time(), window + 1, waited + data_time
         if it % args.print_freq == 0 or it == steps - 1:
             log({"epoch": epoch, "iteration": it, "steps": steps, "lr": lr, **terms,
                  "img_per_s": window * args.batch_size / (end - since), "data_time": waited / window,
                  "step_time": (end - since) / window, "memory_mb": peak_memory_mb(args)})
             since, window, waited = end, 0, 0.0
-    return {name: value / steps for name, value in sums.items()}
+    return {name: value / counts[name] for name, value in sums.items()}
 
 
 # ---------------------------------------------------------------------------------------

@@ -29,10 +29,21 @@ distribution is the same and sample() can return the final geometry. The colour 
 the training device, one draw per composite (common.photometric).
 NOTE: the background is the whole other image stretched to the canvas (spec); its index
 differs from the foreground's and from the other view's background (footnote 2).
-NOTE: anchors (sec. 4.2) sit at the centres of a 16 x 16 grid and are clipped to the canvas,
-so the query never pools padding; the IoU is taken with the clipped anchors. If no anchor
-has IoU > 0.5, the best one is used. Candidates are thinned by NMS 0.7 over random scores,
-then one is drawn uniformly (the release). Done per sample in the data loader workers.
+NOTE: anchors (sec. 4.2) sit at the centres of a 16 x 16 grid, (16i + 8, 16j + 8), and are
+clipped to the canvas; the IoU is taken with the clipped anchors. If no anchor has IoU > 0.5,
+the best one is used. The release centres them at (16i, 16j), does not clip them, and falls
+back to the top 4,000 anchors by IoU. We keep ours: the grid is symmetric under the flip and
+the query never pools padding (with the release's anchors about a third of the picked boxes
+cross the canvas edge), at the same mean IoU of the picked box (docs/fidelity.md).
+Candidates are thinned by NMS 0.7 over random scores, then one is drawn uniformly (the
+release). Done per sample in the data loader workers.
+NOTE: RoIAlign samples each bin adaptively (ceil(bin side / feature cell) points a side), as
+the release (sample_num=0). At a 256 canvas a box side of 128-256 px spans 32-64 P2 cells, so a
+7 x 7 bin is 4.6-9.1 cells wide (P3: 2.3-4.6), which fixed 2 x 2 points would alias.
+NOTE: head init as the release: the hidden fcs (C4: the MLP's first Linear; FPN: fc6, fc7)
+Xavier-uniform, the last Linear N(0, 0.01), biases 0; FPN convs Xavier-uniform. The release
+has no C4 config; its RoI head takes a res5 shared head before the same head class, so C4's
+MLP gets the same init.
 NOTE: FPN: the query pools the augmented box on P5 only and the true box on P2..P4 (the
 release); the key always pools the true box. The shared head runs on the RoIs of all four
 levels as one batch (its BN sees them together, as a detector's box head does).
@@ -74,11 +85,14 @@ from common import (HeldOut, IMAGENET_MEAN, IMAGENET_STD, MomentumQueue, ResNetT
 
 # NOTE: --tiny is dilo.py's tiny recipe (8 epochs of 5,000 toy images, K 96, 1,248 steps, the
 # paper's lr and m): about 14 minutes on 2 CPU cores, in which C4's loss falls as MoCo v2's does
-# (300 steps do not move it). With the paper's lr on every layer FPN's does not fall at tiny: the
-# layers on the trunk (FPN, box head, projection) make its query embeddings collapse in the first
-# steps (mean cosine 0.99, also at 0.1x their lr). So --tiny --variant fpn trains them at 0.01x
-# the lr (--head-lr-scale; the trunk keeps the paper's); the full recipe keeps 1 (README: InsLoc,
-# "What python insloc.py --tiny shows"). `--tiny --epochs 1 --steps 10` is a 10-step smoke run.
+# (300 steps do not move it). With the paper's lr on every layer FPN's does not fall: the layers
+# on the trunk (FPN, box head, projection) make its query embeddings collapse in the first steps.
+# The authors' recipe collapses too: with the release's init, adaptive RoIAlign sampling and key
+# BN chunks of 32, at batch 256 / lr 0.03 / K 65536, one SGD step takes the mean query cosine to
+# 1.000 (C4: 0.96), and the authors' issue tracker (limbo0000/InstanceLoc #19) reports about 100k
+# unstable steps with the loss near 40 = 4 ln 65537. --tiny --variant fpn trains those layers at
+# 0.01x the lr (--head-lr-scale, a tiny-only aid; the trunk keeps the paper's lr); the full recipe
+# keeps 1 (docs/insloc_fpn_collapse.md). `--tiny --epochs 1 --steps 10` is a 10-step smoke run.
 TINY = dict(data="synthetic", arch="resnet18", image_size=64, batch_size=32, queue_size=96, bn_batch=8,
             epochs=8, workers=2, print_freq=20, analysis_images=200)
 TINY_IMAGES = 5000
@@ -242,6 +256,16 @@ class InstanceComposition(torch.utils.data.Dataset):
 # ---------------------------------------------------------------------------------------
 
 
+def init_head(fcs, last):
+    """The release's head init (ConvFCBBoxInsClsHead.init_weights): the hidden fcs Xavier-uniform,
+    the last Linear N(0, 0.01), every bias 0."""
+    for fc in fcs:
+        nn.init.xavier_uniform_(fc.weight)
+        nn.init.zeros_(fc.bias)
+    nn.init.normal_(last.weight, 0, 0.01)
+    nn.init.zeros_(last.bias)
+
+
 class EncoderC4(nn.Module):
     """R50-C4 (sec. 4.3): RoIAlign 14 x 14 on res4 -> res5 -> average pool -> MLP -> 128."""
 
@@ -252,11 +276,12 @@ class EncoderC4(nn.Module):
         self.backbone = ResNetTrunk(arch)
         C = self.backbone.channels[-1]
         self.head = nn.Sequential(nn.Linear(C, C), nn.ReLU(inplace=True), nn.Linear(C, dim))
+        init_head([self.head[0]], self.head[2])
 
     def forward(self, x, boxes):
         """x (N, 3, S, S), boxes (N, 1, 4) canvas pixels -> (N, 1, 128)."""
         c4 = self.backbone.forward_to_res4(x)  # (N, C/2, S/16, S/16)
-        roi = roi_align_boxes(c4, boxes[:, 0], 14, self.backbone.strides[2])  # (N, C/2, 14, 14)
+        roi = roi_align_boxes(c4, boxes[:, 0], 14, self.backbone.strides[2], sampling_ratio=0)  # (N, C/2, 14, 14)
         r5 = self.backbone.layer4(roi)  # (N, C, 7, 7): res5 is the RoI head, as in the C4 detector
         return F.normalize(self.head(r5.mean(dim=(2, 3))), dim=1)[:, None]  # (N, 1, 128)
 
@@ -276,11 +301,15 @@ class EncoderFPN(nn.Module):
         self.fpn = torchvision.ops.FeaturePyramidNetwork(self.backbone.channels, 256, norm_layer=nn.BatchNorm2d)
         self.box_head = FastRCNNConvFCHead((256, 7, 7), [256, 256, 256, 256], [1024], norm_layer=nn.BatchNorm2d)
         self.projection = nn.Sequential(nn.Linear(1024, 1024), nn.ReLU(inplace=True), nn.Linear(1024, dim))
+        for conv in self.fpn.modules():  # the release's FPN.init_weights (the head convs: torchvision's = mmcv's)
+            if isinstance(conv, nn.Conv2d):
+                nn.init.xavier_uniform_(conv.weight)
+        init_head([self.box_head[-2], self.projection[0]], self.projection[2])  # fc6, fc7; fc_cls
 
     def forward(self, x, boxes):
         """x (N, 3, S, S), boxes (N, 4, 4): one box per level P2..P5 -> (N, 4, 128)."""
         pyramid = self.fpn(OrderedDict(zip(self.levels, self.backbone(x))))  # P2..P5, (N, 256, S/4, S/4) ...
-        rois = [roi_align_boxes(p, boxes[:, l], 7, stride)  # each (N, 256, 7, 7), no level assignment
+        rois = [roi_align_boxes(p, boxes[:, l], 7, stride, sampling_ratio=0)  # each (N, 256, 7, 7), no level assignment
                 for l, (p, stride) in enumerate(zip(pyramid.values(), self.backbone.strides))]
         # (4N, 128), all levels in one batch, level-major: row l * N + i is image i's RoI, so that
         # ghost BN puts it in image i's group (row % G = i % G)
@@ -357,7 +386,7 @@ def train_one_epoch(model, loader, optimizer, epoch, args, log):  # As in dilo.p
     """One epoch (or --steps iterations): cosine lr per iteration, bf16 autocast, NaN guard, logs."""
     model.train()
     steps = min(args.steps, len(loader)) if args.steps else len(loader)
-    sums, end = {}, time.time()
+    sums, counts, end = {}, {}, time.time()
     since, window, waited = end, 0, 0.0  # img/s and data time average the steps since the last line
     for it, batch in enumerate(loader):
         if it == steps:
@@ -379,15 +408,16 @@ def train_one_epoch(model, loader, optimizer, epoch, args, log):  # As in dilo.p
         loss.backward()
         optimizer.step()
         terms = {name: float(value) for name, value in terms.items()}
-        for name, value in terms.items():
+        for name, value in terms.items():  # a term a step leaves out (DUPR: no overlap) is not averaged
             sums[name] = sums.get(name, 0.0) + value
+            counts[name] = counts.get(name, 0) + 1
         end, window, waited = time.time(), window + 1, waited + data_time
         if it % args.print_freq == 0 or it == steps - 1:
             log({"epoch": epoch, "iteration": it, "steps": steps, "lr": lr, **terms,
                  "img_per_s": window * args.batch_size / (end - since), "data_time": waited / window,
                  "step_time": (end - since) / window, "memory_mb": peak_memory_mb(args)})
             since, window, waited = end, 0, 0.0
-    return {name: value / steps for name, value in sums.items()}
+    return {name: value / counts[name] for name, value in sums.items()}
 
 
 # ---------------------------------------------------------------------------------------

@@ -569,9 +569,9 @@ def test_dupr_no_overlap_pairs_are_skipped_and_counted():
     expected = sum(a * terms[f"image_{m}"] for m, a in zip(dupr.LEVELS, args.alpha) if a > 0)
     expected += sum(b * terms[f"patch_{m}"] for m, b in zip(dupr.LEVELS, args.beta) if b > 0)
     assert torch.allclose(loss, expected)  # eq. 2
-    for m, queue in model.patch_queues.items():  # 32 of the 6 valid images' S*S cells (or all if fewer)
+    for m, queue in model.patch_queues.items():  # 8 (256 per 256 images) of the 6 valid images' S*S cells
         S = model.encoder_q.S[m]
-        assert int(queue.ptr) == (pointers[m] + min(args.patch_enqueue, 6 * S * S)) % args.queue_size
+        assert int(queue.ptr) == (pointers[m] + min(args.patch_enqueue * 8 // 256, 6 * S * S)) % args.queue_size
     # Eq. 7 as a mean over valid (image, position) queries, against a plain loop.
     r_q, r_k = (nn.functional.normalize(torch.randn(8, 9, 16), dim=2) for _ in range(2))
     queue = nn.functional.normalize(torch.randn(20, 16), dim=1)
@@ -583,7 +583,7 @@ def test_dupr_no_overlap_pairs_are_skipped_and_counted():
     keys = {m: queue.keys.clone() for m, queue in model.patch_queues.items()}
     loss, terms = model(im_q, im_k, crop_q, far, flips, flips)
     loss.backward()
-    assert float(terms["no_overlap"]) == 1 and all(float(terms[f"patch_{m}"]) == 0 for m in keys)
+    assert float(terms["no_overlap"]) == 1 and not any("patch_" in name for name in terms)  # not logged as 0
     assert all(torch.equal(keys[m], model.patch_queues[m].keys) for m in keys)
 
 
@@ -2090,6 +2090,83 @@ def test_ghost_bn_one_process_equals_two_processes(tmp_path):
         if method == "dilo":  # without ghost BN (the query's BN sees all 8) the runs differ
             plain = _ghost_bn_steps(method, model_class, extra, bn_batch=8)
             assert (plain["loss"] - two[method]["loss"]).abs().max() > 0.05
+# --- fidelity to the papers and releases (issue 19) ---
+
+
+def _dupr_run(tmp_path, name, processes, extra):
+    """dupr.py --tiny for 3 steps in 1 process or under torchrun with 2 (gloo) -> its checkpoint."""
+    launcher = [sys.executable] + (["-m", "torch.distributed.run", f"--nproc_per_node={processes}",
+                                    "--master_port=29637"] if processes > 1 else [])
+    command = launcher + [os.path.join(HERE, "dupr.py"), "--tiny", "--epochs", "1", "--steps", "3", "--workers", "0",
+                          "--image-size", "32", "--batch-size", "16", "--output-dir", str(tmp_path / name)] + extra
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return torch.load(tmp_path / name / "checkpoint.pth", weights_only=True)
+
+
+def test_dupr_patch_enqueue_is_per_256_images_of_global_batch(tmp_path):
+    """--patch-enqueue 96 at a global batch of 16: 6 patch keys per level and step in total, whether
+    one process enqueues 6 or two processes 3 each (the paper: 32 per 256 images, any GPU count)."""
+    extra = ["--queue-size", "1000", "--patch-enqueue", "96"]
+    one, two = _dupr_run(tmp_path, "one", 1, extra), _dupr_run(tmp_path, "two", 2, extra)
+    for m in ("conv4", "conv5"):
+        pointers = [int(run["model"][f"patch_queues.{m}.ptr"]) for run in (one, two)]
+        assert pointers == [3 * 6, 3 * 6], (m, pointers)
+    assert [int(two["model"][f"image_queues.{m}.ptr"]) for m in dupr.LEVELS] == [3 * 16] * 4  # every image key
+    assert dupr.patch_keys_per_process(32, 256) == 32 and dupr.patch_keys_per_process(32, 8) == 1  # at least 1
+
+
+def test_dupr_batch_without_overlap_is_left_out_of_patch_means(tmp_path):
+    """An epoch of two steps, the second without any overlapping pair: the patch terms' epoch means
+    are the first step's values (not halved by a logged 0), the image terms average both steps."""
+    args = dupr.get_args(_DUPR_SMALL + ["--steps", "2", "--output-dir", str(tmp_path)])
+    args.device, args.amp, args.lr_actual = torch.device("cpu"), False, 0.0  # lr 0: both steps see the same weights
+    torch.manual_seed(0)
+    model = dupr.DUPR(args)
+    crop_q = torch.tensor([[0, 0, 50, 50]] * 8, dtype=torch.float32)
+    flips = torch.zeros(8, dtype=torch.bool)
+    images = torch.randn(2, 8, 3, 32, 32)
+    loader = [(images[0], images[1], crop_q, crop_q + 10, flips, flips),
+              (images[0], images[1], crop_q, crop_q + 100, flips, flips)]  # no overlap anywhere
+    records = []
+    optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=0.0)
+    means = dupr.train_one_epoch(model, loader, optimizer, 0, args, records.append)
+    assert records[1]["no_overlap"] == 1 and not any("patch_" in name for name in records[1])
+    for m in ("conv4", "conv5"):
+        for name in (f"patch_{m}", f"acc_patch_{m}"):
+            assert means[name] == pytest.approx(records[0][name])
+        assert records[0][f"patch_{m}"] > 0.1  # a real loss, so halving it would show
+    for name in ("image_conv5", "loss", "no_overlap"):
+        assert means[name] == pytest.approx((records[0][name] + records[1][name]) / 2)
+
+
+def test_insloc_head_init_and_adaptive_roi_sampling_follow_the_release(monkeypatch):
+    """The release's init (fcs Xavier-uniform, last Linear N(0, 0.01), biases 0) and RoIAlign with
+    adaptive sampling: a 7 x 7 pool of a 56-cell box averages 8 x 8 points a bin."""
+    torch.manual_seed(0)
+    fpn, c4 = insloc.EncoderFPN("resnet18"), insloc.EncoderC4("resnet18")
+    for fc in (fpn.box_head[-2], fpn.projection[0], c4.head[0]):
+        bound = math.sqrt(6 / (fc.in_features + fc.out_features))  # Xavier-uniform's
+        assert fc.weight.abs().max() <= bound and fc.weight.abs().max() > 0.99 * bound and not fc.bias.any()
+    for last in (fpn.projection[2], c4.head[2]):
+        assert abs(float(last.weight.std()) - 0.01) < 0.001 and not last.bias.any()
+    for conv in (m for m in fpn.fpn.modules() if isinstance(m, nn.Conv2d)):
+        bound = math.sqrt(6 / (conv.weight[0].numel() + conv.weight[:, 0].numel()))
+        assert conv.weight.abs().max() <= bound
+    # A feature map with a period of 4 cells: each 8-cell bin of a 56-cell box spans two periods, so
+    # its average is 0; fixed 2 x 2 points a bin sit one period apart and read the same phase (aliasing).
+    x = torch.arange(64, dtype=torch.float32) + 0.5
+    features = torch.cos(2 * math.pi * x / 4).expand(1, 1, 64, 64).contiguous()
+    box = torch.tensor([[4.0, 4.0, 60.0, 60.0]])
+    adaptive = common.roi_align_boxes(features, box, 7, 1, sampling_ratio=0)
+    fixed = common.roi_align_boxes(features, box, 7, 1, sampling_ratio=2)
+    assert adaptive.abs().max() < 1e-5 and fixed.abs().max() > 0.5
+    sampling, roi_align = [], torchvision.ops.roi_align  # what the trainers ask for: adaptive everywhere
+    monkeypatch.setattr(torchvision.ops, "roi_align", lambda *a, **k: sampling.append(k["sampling_ratio"]) or roi_align(*a, **k))
+    boxes = torch.tensor([[8.0, 8.0, 40.0, 56.0]] * 2)
+    fpn(torch.randn(2, 3, 64, 64), boxes[:, None].expand(-1, 4, -1)), c4(torch.randn(2, 3, 64, 64), boxes[:, None])
+    dupr.roi_grid(torch.randn(2, 8, 4, 4), boxes, torch.tensor([False, True]), 4, 16)
+    assert sampling == [0] * 6
 
 
 if __name__ == "__main__":
