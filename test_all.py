@@ -2169,8 +2169,6 @@ def test_insloc_head_init_and_adaptive_roi_sampling_follow_the_release(monkeypat
     assert sampling == [0] * 6
 
 
-if __name__ == "__main__":
-    sys.exit(pytest.main(["-q", __file__]))
 
 
 # --- RBD against Zhu et al.'s reference code (issue 19) ---
@@ -2776,3 +2774,7 @@ def test_logs_carry_time_and_whole_run_eta_and_a_resume_drops_redone_rows(tmp_pa
     common.plot_log(str(tmp_path / "log.jsonl"), str(tmp_path / "again.png"))
     assert np.array_equal(np.asarray(Image.open(tmp_path / "again.png")), np.asarray(png))
     assert not np.array_equal(np.asarray(Image.open(tmp_path / "changed.png")), np.asarray(png))
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main(["-q", __file__]))
