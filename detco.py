@@ -1,6 +1,6 @@
 """DetCo: Unsupervised Contrastive Learning for Object Detection.
 
-Xie, Ding, Wang, Zhan, Xu, Li, Luo, ICCV 2021 (talk: ../shared/papers/detco_slides.txt).
+Xie, Ding, Wang, Zhan, Xu, Sun, Li, Luo, ICCV 2021, arXiv:2102.04803 (and the first author's talk slides).
 The authors never released pretraining code; every choice the paper leaves open is a NOTE.
 
 Idea: MoCo v2 learns from one global embedding of res5, which transfers to classification
@@ -12,7 +12,7 @@ discriminative; (2) Cross Global-Local Contrast: each image also gives two jigsa
 
     L = sum_l w_l * (L_g2g(q_g, k_g, Queue_g) + L_l2g(q_l, k_g, Queue_g) + L_l2l(q_l, k_l, Queue_l))
 
-    python detco.py --tiny                                    # toy world, CPU, ~3 minutes: the total loss falls
+    python detco.py --tiny                                    # toy world, CPU, 300 steps: the total loss falls
     torchrun --nproc_per_node=8 detco.py --data /imagenet
     torchrun --nnodes=2 --node_rank=0 --master_addr=HOST --master_port=29500 \\
         --nproc_per_node=8 detco.py --data /imagenet
@@ -86,9 +86,8 @@ from common import (IMAGENET_MEAN, IMAGENET_STD, MomentumQueue, ResNetTrunk, Unr
 # Arguments
 # ---------------------------------------------------------------------------------------
 
-# NOTE: dupr.py's tiny recipe: one epoch of 9,600 images (300 steps, about 3 minutes on 2 CPU
-# cores) is what it takes for the total loss to fall with the paper's lr and m: every g2g term
-# falls, the local terms barely move (README: DetCo, "What --tiny shows"). Every queue gets 32
+# NOTE: dupr.py's tiny recipe: one epoch of 9,600 images (300 steps) is what it takes for the total loss to fall with the paper's lr and m: every g2g term
+# falls, the local terms barely move (docs/tiny_runs.md). Every queue gets 32
 # keys a step, so 96 keys are the last 3 steps: no queue holds an image's own older keys.
 TINY = dict(data="synthetic", arch="resnet18", image_size=64, batch_size=32, queue_size=96, bn_batch=8,
             epochs=1, workers=2, print_freq=20)

@@ -4,7 +4,7 @@ The protocol of MoCo (He et al., CVPR 2020, sec. 4.2 and appendix A.3) that DiLo
 and InsLoc all report, on plain torchvision models instead of detectron2, with the COCO and VOC
 evaluators written in numpy.
 
-    python detect_finetune.py --tiny --pretrained runs/dilo/backbone.pth      # toy world, CPU, minutes
+    python detect_finetune.py --tiny --pretrained runs/dilo/backbone.pth      # toy world, CPU
     torchrun --nproc_per_node=8 detect_finetune.py --dataset voc --data-root /data/VOCdevkit \
         --pretrained runs/dupr/backbone.pth                                   # VOC07+12, R50-C4, 24k iters
     torchrun --nproc_per_node=8 detect_finetune.py --dataset coco --data-root /data/coco \

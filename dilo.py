@@ -1,7 +1,7 @@
 """DiLo: Distilling Localization for Self-Supervised Representation Learning.
 
-Zhao, Wu, Lau, Lin, AAAI 2021 (../shared/papers/dilo_paper.txt). Also this repository's
-MoCo v2 baseline (Chen, Fan, Girshick, He 2020): `--paste-prob 0` is exactly MoCo v2.
+Zhao, Wu, Lau, Lin, AAAI 2021, arXiv:2004.06638. Also this repository's MoCo v2 baseline
+(Improved Baselines with Momentum Contrastive Learning, Chen, Fan, Girshick, He, arXiv:2003.04297): `--paste-prob 0` is exactly MoCo v2.
 
 Idea: contrastive models look at backgrounds as much as at objects (paper "Diagnosing
 Self-Supervised Models", Fig. 2). DiLo estimates a foreground saliency mask per image and,
@@ -9,7 +9,7 @@ with probability p per view, copies the foreground onto another background befor
 usual MoCo v2 augmentations ("Copy-and-paste for Background Augmentation"), so the two
 views of an image share the object but not always its background.
 
-    python dilo.py --tiny                                    # toy world, CPU, ~5.5 minutes: the loss falls
+    python dilo.py --tiny                                    # toy world, CPU, 1,248 steps: the loss falls
     torchrun --nproc_per_node=8 dilo.py --data /imagenet --saliency /imagenet_saliency
     torchrun --nnodes=2 --node_rank=0 --master_addr=HOST --master_port=29500 \\
         --nproc_per_node=8 dilo.py --data /imagenet --saliency /imagenet_saliency
@@ -59,8 +59,7 @@ from common import (IMAGENET_MEAN, IMAGENET_STD, ImageFolderSource, MomentumQueu
 # ---------------------------------------------------------------------------------------
 
 # NOTE: --tiny is a CPU run in which MoCo v2's loss falls and its accuracy rises above chance:
-# 8 epochs of 5,000 toy images, 1,248 steps, about 5.5 minutes on 2 CPU cores (README: "What
-# --tiny shows"). With the paper's m 0.999 the key encoder averages over about 1,000 steps; in
+# 8 epochs of 5,000 toy images, 1,248 steps (measured: docs/tiny_runs.md). With the paper's m 0.999 the key encoder averages over about 1,000 steps; in
 # 300 steps (dupr.py's tiny run) MoCo v2's loss does not move; m 0.99 moves it sooner by a
 # fresh-versus-stale-key shortcut, and a higher lr collapses the head. K 96 holds the last 3
 # steps' keys: never an image's own older key, and the random starting queue is gone after 3

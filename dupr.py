@@ -1,6 +1,6 @@
 """DUPR: Deeply Unsupervised Patch Re-ID for Pre-training Object Detectors.
 
-Ding, Xie, Xu, Jiang, Li, Luo, Xia, TPAMI (../shared/papers/dupr_paper.txt, sec. 3.2).
+Ding, Xie, Xu, Jiang, Li, Luo, Xia, IEEE TPAMI 2024, arXiv:2103.04814 (sec. 3.2).
 No official code was released; every choice the paper leaves open is a NOTE below.
 
 Idea: MoCo v2 whose contrast is (1) image-level on four backbone levels conv2_x..conv5_x
@@ -10,7 +10,7 @@ the patch at p in view 2 show the same part of the original image and are a posi
 pair; patches of other images (a queue per level) are the negatives. Positives are found
 by geometry, not by feature similarity, so the feature maps learn to tell places apart.
 
-    python dupr.py --tiny                                    # toy world, CPU, ~1.5 minutes: all six terms fall
+    python dupr.py --tiny                                    # toy world, CPU, 300 steps: all six terms fall
     python dupr.py --tiny --preview 8                        # both views, B and its S x S grid
     torchrun --nproc_per_node=8 dupr.py --data /imagenet
     torchrun --nnodes=2 --node_rank=0 --master_addr=HOST --master_port=29500 \\
@@ -56,7 +56,7 @@ NOTE: a level whose alpha (beta) is 0 has no image (patch) head and no queue.
 NOTE: cost. Eq. 7 makes each of the N x S*S cells a query against the whole queue: at K 65536
 and 32 images per GPU the conv4 patch logits are 6,272 x 65,537 (1.64 GB fp32 per copy), with
 conv5's 7,840 x 65,537 (2.1 GB), about 25% more FLOPs than a MoCo v2 step; the 1x1-conv patch
-heads add about 11% (README: DUPR).
+heads add about 11% (docs/benchmarks.md).
 NOTE: RoIAlign runs in fp32 (common.roi_align_boxes casts features and boxes; bf16 boxes would
 round by up to 0.5 px at 224) with adaptive sampling, ceil(bin side / feature cell) points a
 side. The paper does not say; adaptive is Detectron2's default (the paper fine-tunes with it)
@@ -94,8 +94,8 @@ from common import (HeldOut, IMAGENET_MEAN, IMAGENET_STD, MomentumQueue, ResNetT
 # ---------------------------------------------------------------------------------------
 
 # NOTE: resnet18, 64 px, batch 32 and queue 96 as in dilo.py's TINY, but one epoch of 9,600 images
-# (300 steps, about 80 s on 2 CPU cores): that is what it takes for all six loss terms to fall
-# with the paper's lr and m (README: DUPR, "What --tiny shows"); MoCo v2 alone needs about 1,250
+# (300 steps): that is what it takes for all six loss terms to fall
+# with the paper's lr and m (docs/tiny_runs.md); MoCo v2 alone needs about 1,250
 # steps (dilo.py: TINY). Every queue gets 32 keys a step, so 96 keys are the last 3 steps: no
 # queue holds an image's own older keys as negatives (patch_enqueue 256 per 256 images = 32 per
 # step at batch 32, as the image queues). roi_size = the feature maps' sides at 64 px

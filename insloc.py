@@ -1,6 +1,6 @@
 """InsLoc: Instance Localization for Self-supervised Detection Pretraining.
 
-Yang, Wu, Zhou, Lin, CVPR 2021 (../shared/papers/insloc_paper.txt, sections 3-4 and 5).
+Yang, Wu, Zhou, Lin, CVPR 2021, arXiv:2102.08318 (sections 3-4 and 5).
 
 Idea (sec. 4.1): paste a random crop of the foreground image at a random place and scale
 onto another image of the dataset, pool the features of its bounding box with RoIAlign, and
@@ -10,8 +10,8 @@ aligns features with boxes as a detector needs. Sec. 4.2: the query pools a jitt
 a random anchor overlapping the true box. Sec. 4.3: the RoI head is the detector's
 (R50-C4: res5 on RoIAlign of res4; R50-FPN: FPN + a 4conv1fc head on every level).
 
-    python insloc.py --tiny                                  # toy world, CPU, R18-C4, about 14 min
-    python insloc.py --tiny --variant fpn                    # R18-FPN, heads at 0.01x the lr, about 21 min
+    python insloc.py --tiny                                  # toy world, CPU, R18-C4, 1,248 steps
+    python insloc.py --tiny --variant fpn                    # R18-FPN, heads at 0.01x the lr
     torchrun --nproc_per_node=8 insloc.py --data /imagenet --variant c4
     torchrun --nproc_per_node=8 insloc.py --data /imagenet --variant fpn --output-dir runs/insloc_fpn
     torchrun --nnodes=2 --node_rank=0 --master_addr=HOST --master_port=29500 \\
@@ -84,7 +84,7 @@ from common import (HeldOut, IMAGENET_MEAN, IMAGENET_STD, MomentumQueue, ResNetT
 # ---------------------------------------------------------------------------------------
 
 # NOTE: --tiny is dilo.py's tiny recipe (8 epochs of 5,000 toy images, K 96, 1,248 steps, the
-# paper's lr and m): about 14 minutes on 2 CPU cores, in which C4's loss falls as MoCo v2's does
+# paper's lr and m), in which C4's loss falls as MoCo v2's does
 # (300 steps do not move it). With the paper's lr on every layer FPN's does not fall: the layers
 # on the trunk (FPN, box head, projection) make its query embeddings collapse in the first steps.
 # The authors' recipe collapses too: with the release's init, adaptive RoIAlign sampling and key
