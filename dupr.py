@@ -142,7 +142,7 @@ def get_args(argv=None):
                              "(split over processes, at least 1 each)")
     parser.add_argument("--iou-curve", nargs="+", default=[], metavar="BACKBONE", help="backbone.pth, checkpoint.pth or torchvision "
                         "ResNet state_dict files: write output-dir/iou_curve.png/.json and correspondence.png (Fig. 6, 7), then exit")
-    parser.add_argument("--coco", nargs=2, default=None, metavar=("JSON", "DIR"), help="analysis images: a COCO annotation file and its image folder (default: the toy world's val split)")
+    parser.add_argument("--coco", nargs=2, default=None, metavar=("JSON", "DIR"), help="analysis images: a COCO annotation file and its image folder (None: the toy world's val split)")
     parser.add_argument("--analysis-images", type=int, default=1000, help="held-out images of the analysis (Fig. 6: 1000)")
     args = parser.parse_args(argv)
     if args.tiny:  # the tiny recipe replaces defaults only: explicit flags still win
@@ -437,7 +437,7 @@ def iou_similarity(trunks, held_out, S, seed, device, per_box=20):
             rois, iou = sample_rois(box, targets, image.width, image.height, generator)
             boxes = torch.cat([box[None], rois]).to(device)  # (1 + T, 4): G first
             index = torch.zeros(len(boxes), dtype=torch.long, device=device)
-            regions = [F.normalize(roi_align_boxes(c4, boxes, S, 16, index), dim=1) for c4 in features]  # (1 + T, C, S, S)
+            regions = [F.normalize(roi_align_boxes(c4, boxes, S, 16, sampling_ratio=0, batch_index=index), dim=1) for c4 in features]  # (1 + T, C, S, S)
             sims.append(torch.stack([(r[:1] * r[1:]).sum(1).mean((1, 2)) for r in regions]).cpu())  # (trunks, T)
             ious.append(iou)
     if not ious:

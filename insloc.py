@@ -132,7 +132,7 @@ def get_args(argv=None):
     parser.add_argument("--readout", nargs="+", default=[], metavar="BACKBONE", help="backbone.pth, checkpoint.pth or torchvision "
                         "ResNet state_dict files: write output-dir/readout.json/.png (Table 3a readouts, view retrieval), then exit")
     parser.add_argument("--readout-roi", action="store_true", help="readout features by RoIAlign on the full image's conv4_x -> conv5_x, not by crops")
-    parser.add_argument("--coco", nargs=2, default=None, metavar=("JSON", "DIR"), help="analysis images: a COCO annotation file and its image folder (default: the toy world's val split)")
+    parser.add_argument("--coco", nargs=2, default=None, metavar=("JSON", "DIR"), help="analysis images: a COCO annotation file and its image folder (None: the toy world's val split)")
     parser.add_argument("--analysis-images", type=int, default=1000, help="held-out images of the analysis")
     args = parser.parse_args(argv)
     if args.tiny:  # the tiny recipe replaces defaults only: explicit flags still win
@@ -446,7 +446,7 @@ def box_features(trunk, image, boxes, size, roi, device):
     if roi:
         c4 = trunk.forward_to_res4(NORMALISE(image)[None].to(device))
         index = torch.zeros(len(boxes), dtype=torch.long, device=device)
-        return trunk.layer4(roi_align_boxes(c4, boxes.to(device), 14, 16, index)).mean((2, 3)).cpu()
+        return trunk.layer4(roi_align_boxes(c4, boxes.to(device), 14, 16, sampling_ratio=0, batch_index=index)).mean((2, 3)).cpu()
     crops = [NORMALISE(image.resize((size, size), Image.BILINEAR, box=tuple(box))) for box in boxes.tolist()]
     return trunk(torch.stack(crops).to(device))[-1].mean((2, 3)).cpu()
 

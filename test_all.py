@@ -2000,7 +2000,8 @@ def test_bn_batch_must_divide_the_local_batch():
                "--workers", "0", "--output-dir", "/nonexistent/never-written"]
     result = subprocess.run(command, cwd=HERE, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1] == "error: --bn-batch 8 does not divide the per-process batch 12"
+    assert result.stderr.strip().splitlines()[-1] == ("dilo.py: error: --bn-batch 8: must be >= 2 and divide the per-process "
+                                                      "batch 12 (--batch-size 12 over 1 processes)")
 
 
 GHOST_METHODS = [("dilo", "DiLo", ["--paste-prob", "0"]), ("detco", "DetCo", []), ("insloc", "InsLoc", ["--variant", "fpn"])]
@@ -2315,7 +2316,7 @@ def test_colour_draws_probabilities_and_ranges():
 def test_detco_patch_set_shares_its_colour(monkeypatch):
     """The 9 patches of a set get one draw: 9 identical patches stay identical and equal torchvision's
     pipeline on one of them; DetCo's forward gives sets their own rows of `colour`."""
-    args = detco.get_args(SMALL + ["--image-size", "64", "--bn-batch", "2"])
+    args = detco.get_args(SMALL + ["--image-size", "64", "--batch-size", "2", "--bn-batch", "2"])
     dataset = detco.GlobalLocalViews(common.ToyWorld(2, 73), args)
     torch.manual_seed(0)
     items = [dataset[i] for i in range(2)]
@@ -2438,7 +2439,7 @@ def test_resume_smoke_then_real_run_stops_with_one_line(_resume_run):
     before = (_resume_run / "checkpoint.pth").read_bytes()
     code, out, err = _run_trainer("dupr.py", _DUPR_SMALL + ["--output-dir", str(_resume_run)])  # the full --tiny run
     line = _one_line(err)
-    assert code != 0 and "epoch 0 [" not in out
+    assert code != 0 and " epoch 1/" not in out
     assert "--steps 2 (checkpoint) vs 0 (command line)" in line
     assert "another --output-dir" in line and "--resume none" in line
     assert (_resume_run / "checkpoint.pth").read_bytes() == before
@@ -2455,7 +2456,7 @@ def test_resume_changed_recipe_flag_names_both_values(_resume_run):
 def test_resume_finished_run_has_nothing_to_do(_resume_run):
     code, out, err = _run_trainer("dupr.py", _RESUME + ["--epochs", "1", "--output-dir", str(_resume_run)])
     assert code == 0, err
-    assert "nothing to do: 1 of 1 epochs done" in out and "epoch 0 [" not in out and "Traceback" not in err
+    assert "nothing to do: 1 of 1 epochs done" in out and " epoch 1/" not in out and "Traceback" not in err
 
 
 def test_resume_more_epochs_extend_and_respread_the_cosine(_resume_run, tmp_path, capsys):
@@ -2550,8 +2551,8 @@ def test_resume_interrupt_mid_epoch_one_line_then_exact_resume(signal_name, _uni
         out, seen = "", []
         for line in process.stdout:  # wait for the first progress line of epoch 1
             out += line
-            seen += [time.monotonic()] if line.startswith("epoch 0 [") else []
-            if line.startswith("epoch 1 ["):
+            seen += [time.monotonic()] if " epoch 1/2 [" in line else []
+            if " epoch 2/2 [" in line:
                 # NOTE: half a step later, in the forward/backward pass, not while the main process receives
                 # the next batch: a cut file-descriptor handshake makes a worker's resource_sharer thread
                 # print a traceback (see docs/running.md)
@@ -2561,7 +2562,7 @@ def test_resume_interrupt_mid_epoch_one_line_then_exact_resume(signal_name, _uni
         rest, err = process.communicate(timeout=120)
     finally:
         process.kill()
-    assert process.returncode != 0 and "epoch 1 [4/4]" not in out + rest
+    assert process.returncode != 0 and "epoch 2/2 [4/4]" not in out + rest
     assert _one_line(err) == "interrupted in epoch 2; checkpoint has 1 epochs done; rerun the same command to resume"
     code, out, err = _run_trainer("dilo.py", _INTERRUPTED + ["--output-dir", str(tmp_path)])  # the same command again
     assert code == 0 and "1 of 2 epochs done; continuing with epoch 2" in out, err[-3000:]
@@ -2597,7 +2598,7 @@ def test_resume_two_nodes_agree_or_both_stop(tmp_path):
     results = _two_nodes([["dilo.py"] + flags + ["--epochs", "2", "--output-dir", str(folder)] for folder in (shared, empty)], 29652)
     for code, out, err in results:
         line = _one_line(err)
-        assert code != 0 and "epoch 1 [" not in out
+        assert code != 0 and " epoch 2/2 [" not in out
         assert "the ranks do not resume from the same checkpoint" in line
         assert f"rank 1 ({socket.gethostname()}): no {empty / 'checkpoint.pth'}" in line and "share" in line
     assert torch.load(shared / "checkpoint.pth", weights_only=True)["epoch"] == 1
@@ -2641,7 +2642,7 @@ def _folder_with_unreadable(tmp_path, good, bad):
     return str(tmp_path / "data")
 
 
-def _run_trainer(args, tmp_path, nproc=1):
+def _run_dilo_tiny(args, tmp_path, nproc=1):
     launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if nproc == 2 else []  # a free port
     command = [sys.executable] + launcher + [os.path.join(HERE, "dilo.py"), "--tiny", "--output-dir", str(tmp_path / "run")]
     return subprocess.run(command + args, capture_output=True, text=True, timeout=600, cwd=HERE,
@@ -2651,7 +2652,7 @@ def _run_trainer(args, tmp_path, nproc=1):
 def test_one_unreadable_image_in_161_is_skipped_once_over_3_epochs(tmp_path):
     """Workers are forked anew every epoch: the bad file is remembered, warned about once, never retried."""
     data = _folder_with_unreadable(tmp_path, 160, 1)
-    result = _run_trainer(_QUIET + ["--data", data, "--epochs", "3", "--workers", "2"], tmp_path)
+    result = _run_dilo_tiny(_QUIET + ["--data", data, "--epochs", "3", "--workers", "2"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stderr.count("UserWarning: skipping unreadable image") == 1
     assert [r["epoch"] for r in read_log(tmp_path / "run" / "log.jsonl") if "checkpoint" in r] == [0, 1, 2]
@@ -2659,7 +2660,7 @@ def test_one_unreadable_image_in_161_is_skipped_once_over_3_epochs(tmp_path):
 
 def test_unreadable_images_over_1_percent_abort_with_one_line(tmp_path):
     data = _folder_with_unreadable(tmp_path, 39, 2)
-    result = _run_trainer(_QUIET + ["--data", data, "--batch-size", "8", "--epochs", "2", "--workers", "2"], tmp_path)
+    result = _run_dilo_tiny(_QUIET + ["--data", data, "--batch-size", "8", "--epochs", "2", "--workers", "2"], tmp_path)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]  # besides worker warnings
     assert len(errors) == 1 and "of 41 images under" in errors[0] and errors[0].endswith("are unreadable (over 1%)")
@@ -2669,7 +2670,7 @@ def test_unreadable_images_are_shared_between_ranks_and_no_ddp_warning(tmp_path)
     """Two ranks, 1 bad file in 101, 3 epochs: warned once in all (the flags are ORed over ranks at
     epoch ends), and DDP's construction prints no FutureWarning about broadcast_buffers."""
     data = _folder_with_unreadable(tmp_path, 100, 1)
-    result = _run_trainer(_QUIET + ["--data", data, "--epochs", "3", "--workers", "1"], tmp_path, nproc=2)
+    result = _run_dilo_tiny(_QUIET + ["--data", data, "--epochs", "3", "--workers", "1"], tmp_path, nproc=2)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stderr.count("UserWarning: skipping unreadable image") == 1
     assert "broadcast_buffers" not in result.stderr and "FutureWarning" not in result.stderr
@@ -2699,7 +2700,7 @@ def test_out_of_range_flags_give_one_argparse_line(name, tmp_path, capsys, monke
 
 
 def test_rejected_flag_as_a_user_sees_it_and_no_output_dir(tmp_path):
-    result = _run_trainer(["--bn-batch", "7", "--epochs", "1", "--steps", "1"], tmp_path)
+    result = _run_dilo_tiny(["--bn-batch", "7", "--epochs", "1", "--steps", "1"], tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == ("dilo.py: error: --bn-batch 7: must be >= 2 and divide the "
                                                       "per-process batch 32 (--batch-size 32 over 1 processes)")
