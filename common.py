@@ -774,7 +774,7 @@ def check_args(parser, args):
              "--epochs and --print-freq must be >= 1; --steps, --workers and --preview >= 0"),
             (args.batch_size < 1 or args.batch_size % world,
              f"--batch-size {args.batch_size}: must be > 0 and divide by the world size {world}"),
-            (args.bn_batch < 2 or local % args.bn_batch, f"--bn-batch {args.bn_batch}: must be >= 2 and divide "
+            (args.bn_batch < 2 or local > args.bn_batch and local % args.bn_batch, f"--bn-batch {args.bn_batch}: must be >= 2 and divide "
              f"the per-process batch {local} (--batch-size {args.batch_size} over {world} processes)"),
             # MomentumQueue wraps around, so any K works, but one below a step's keys is no dictionary.
             (args.queue_size < args.batch_size, f"--queue-size {args.queue_size}: K must be >= the global batch"),

@@ -2777,5 +2777,15 @@ def test_logs_carry_time_and_whole_run_eta_and_a_resume_drops_redone_rows(tmp_pa
     assert not np.array_equal(np.asarray(Image.open(tmp_path / "changed.png")), np.asarray(png))
 
 
+def test_bn_batch_above_the_per_process_batch_is_accepted(monkeypatch):
+    """Two nodes of 8 GPUs at batch 256 give 16 images per process, under --bn-batch 32: plain BN, no error."""
+    monkeypatch.setenv("WORLD_SIZE", "16")
+    for module in TRAINERS.values():
+        assert module.get_args([]).bn_batch == 32
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(SystemExit):
+        dilo.get_args(["--batch-size", "32", "--bn-batch", "7"])
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main(["-q", __file__]))
