@@ -548,7 +548,7 @@ def iou_curve(args, bins=10):
 # ---------------------------------------------------------------------------------------
 
 
-def setup_distributed(args):
+def setup_distributed(args):  # Same as in dilo.py, detco.py, insloc.py
     args.world_size, args.rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     if torch.cuda.is_available():
         args.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -575,7 +575,7 @@ def peak_memory_mb(args):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def make_logger(args, start_epoch):
+def make_logger(args, start_epoch):  # Same as in dilo.py, detco.py, insloc.py
     """log(row): on the main process, a row of output-dir/log.jsonl with the wall-clock time, the time since
     this start and, in progress rows, the ETA of the whole run; and a console line. The first row of a start
     holds the arguments. A resume drops the rows of the epochs it redoes, so that no row is duplicated."""
@@ -617,7 +617,7 @@ def make_logger(args, start_epoch):
     return log
 
 
-def load_checkpoint(model, optimizer, args):
+def load_checkpoint(model, optimizer, args):  # Same as in dilo.py, detco.py, insloc.py
     """The epoch to start from: 0, or that of the checkpoint all ranks agree on, if its recipe is ours."""
     checkpoint = agreed_checkpoint("dupr", args)
     if checkpoint is None:
