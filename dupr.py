@@ -397,7 +397,7 @@ def train_one_epoch(model, loader, optimizer, epoch, args, log):  # Same as in d
 # ---------------------------------------------------------------------------------------
 
 NORMALISE = T.Compose([T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-COLOURS = ("red", "blue", "green", "orange", "purple", "brown", "magenta", "teal")
+COLOURS = ("red", "blue", "green", "orange", "purple", "brown", "magenta", "teal", "black", "olive", "navy", "gray")
 
 
 def sample_rois(box, targets, width, height, generator, candidates=64, steps=30):

@@ -426,7 +426,7 @@ def train_one_epoch(model, loader, optimizer, epoch, args, log):  # As in dilo.p
 # ---------------------------------------------------------------------------------------
 
 NORMALISE = T.Compose([T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-COLOURS = ("red", "blue", "green", "orange", "purple", "brown", "magenta", "teal")
+COLOURS = ("red", "blue", "green", "orange", "purple", "brown", "magenta", "teal", "black", "olive", "navy", "gray")
 
 
 def grid_boxes(width, height, M=9):
