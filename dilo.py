@@ -115,19 +115,37 @@ def get_args(argv=None):
 # ---------------------------------------------------------------------------------------
 
 
-def moco_v2_view(image, size):
-    """MoCo v2's geometry, RandomResizedCrop(size, scale (0.2, 1)) then a flip with p 0.5, of a
-    (3, H, W) uint8 tensor. Its colour part runs batched on the training device (common.photometric)."""
+def moco_v2_box(image):
+    """MoCo v2's RandomResizedCrop(scale (0.2, 1), ratio (3/4, 4/3)) window of a PIL image, as
+    (left, top, right, bottom). Drawn before the paste, so a pasting view composites only its window."""
     top, left, height, width = T.RandomResizedCrop.get_params(image, (0.2, 1.0), (3 / 4, 4 / 3))
-    view = TF.resized_crop(image, top, left, height, width, [size, size], antialias=True)
+    return left, top, left + width, top + height
+
+
+def moco_v2_view(window, size):
+    """The rest of MoCo v2's geometry: a (3, h, w) uint8 crop window resized to size x size, then a
+    flip with p 0.5. Its colour part runs batched on the training device (common.photometric)."""
+    view = TF.resize(window, [size, size], antialias=True)
     return TF.hflip(view) if torch.rand(()) < 0.5 else view
 
 
-def copy_paste(image, mask, background, soft):
+BLUR_MARGIN = 24  # px: PIL's GaussianBlur(radius=5) is 3 box passes that reach 15 px (15 is the least exact margin)
+
+
+def copy_paste(image, mask, background, soft, box=None):
     """`image` over `background` (all the same size) with alpha = mask / 255: the released loader
-    blends with the raw saliency values. soft=True: Gaussian blending, alpha blurred first (sigma 5 px)."""
-    alpha = mask.filter(ImageFilter.GaussianBlur(radius=5)) if soft else mask
-    return Image.composite(image, background, alpha)
+    blends with the raw saliency values. soft=True: Gaussian blending, alpha blurred first (sigma 5 px).
+    box=(left, top, right, bottom): only that window of the composite, pixel-identical to cropping the
+    whole composite (test_window_paste_equals_whole_paste), at a fraction of the cost."""
+    left, top, right, bottom = box = box or (0, 0, *image.size)
+    if soft:  # blur the window plus a margin (clipped at the image border, where PIL extends the edge pixels)
+        outer = (max(left - BLUR_MARGIN, 0), max(top - BLUR_MARGIN, 0),
+                 min(right + BLUR_MARGIN, image.width), min(bottom + BLUR_MARGIN, image.height))
+        blurred = mask.crop(outer).filter(ImageFilter.GaussianBlur(radius=5))
+        alpha = blurred.crop((left - outer[0], top - outer[1], right - outer[0], bottom - outer[1]))
+    else:
+        alpha = mask.crop(box)
+    return Image.composite(image.crop(box), background.crop(box), alpha)
 
 
 class CopyPasteTwoViews(torch.utils.data.Dataset):
@@ -191,27 +209,35 @@ class CopyPasteTwoViews(torch.utils.data.Dataset):
             x, y = min(corners.int().tolist(), key=lambda c: saliency[c[1]:c[1] + side, c[0]:c[0] + side].mean())
         return image.crop((x, y, x + side, y + side)).resize(size, Image.BILINEAR)
 
-    def paste_or_not(self, image, mask, coin):
+    def paste_or_not(self, image, pixels, mask, coin, box):
+        """-> the view's crop window, (3, h, w) uint8, of the image pasted onto a new background or of
+        `pixels` (the image as a tensor), and whether it was pasted."""
         if mask is None or not coin:
-            return image, False
+            left, top, right, bottom = box
+            return pixels[:, top:bottom, left:right], False
         soft = self.args.blend == "gaussian" or (self.args.blend == "mix" and float(torch.rand(())) < 0.5)
-        return copy_paste(image, mask, self.background(image.size), soft), True
+        return TF.pil_to_tensor(copy_paste(image, mask, self.background(image.size), soft, box)), True
 
     def sample(self, index):
-        """-> image, mask (None: none, or not decoded as no view pastes), has_mask, [(source, pasted)] * 2, views."""
+        """-> image, mask (None: none, or not decoded as no view pastes), has_mask,
+        [(window, box, pasted)] * 2 (each view's crop window of its source image), views."""
         image, target = self.source[index]
         coins = [float(torch.rand(())) < self.args.paste_prob for _ in range(2)]  # p per view, independently
         lazy = self.args.saliency not in ("gt", "rbd") and not any(coins)  # then a mask file is not decoded
         mask = None if lazy or self.args.paste_prob == 0 else self.load_mask(target, image.size)
         has_mask = os.path.exists(self.mask_path(target)) if lazy else mask is not None
-        pasted = [self.paste_or_not(image, mask, coin) for coin in coins]
-        pixels = TF.pil_to_tensor(image)  # (3, H, W) uint8; a pasted view converts its own composite
-        views = [moco_v2_view(TF.pil_to_tensor(p) if was else pixels, self.args.image_size) for p, was in pasted]
-        return image, mask, has_mask, pasted, views
+        pixels = TF.pil_to_tensor(image)  # (3, H, W) uint8, shared by the unpasted views
+        sources, views = [], []
+        for coin in coins:
+            box = moco_v2_box(image)
+            window, was = self.paste_or_not(image, pixels, mask, coin, box)
+            sources.append((window, box, was))
+            views.append(moco_v2_view(window, self.args.image_size))  # (3, S, S) uint8
+        return image, mask, has_mask, sources, views
 
     def __getitem__(self, index):
-        _, _, has_mask, pasted, views = self.sample(index)
-        return views[0], views[1], torch.tensor([p for _, p in pasted]), has_mask, draw_colour(2)
+        _, _, has_mask, sources, views = self.sample(index)
+        return views[0], views[1], torch.tensor([was for _, _, was in sources]), has_mask, draw_colour(2)
 
 
 # ---------------------------------------------------------------------------------------
@@ -613,21 +639,27 @@ def to_picture(tensor, size):
 
 
 def write_preview(dataset, args, cell=128):
-    """Per sample: original | mask | view-1 source (pasted or not) | view 2 source | view 1 | view 2."""
+    """Per sample: original | mask | view-1 source | view-2 source | view 1 | view 2; a source is the
+    original with the view's crop window (outlined) as the view sees it, pasted or not."""
     columns = ["original", "mask", "source q", "source k", "view q", "view k"]
     sheet = Image.new("RGB", (cell * len(columns), 16 + cell * args.preview), "white")
     draw = ImageDraw.Draw(sheet)
     for c, name in enumerate(columns):
         draw.text((c * cell + 4, 2), name, fill="black")
     for row in range(args.preview):
-        image, mask, has_mask, pasted, views = dataset.sample(row)
+        image, mask, has_mask, sources, views = dataset.sample(row)
         mask = mask.convert("RGB") if mask is not None else Image.new("RGB", image.size, "red" if not has_mask else "gray")
-        cells = [image, mask] + [p for p, _ in pasted]
+        cells = [image, mask]
+        for window, box, _ in sources:
+            source = image.copy()
+            source.paste(TF.to_pil_image(window), box[:2])
+            ImageDraw.Draw(source).rectangle((box[0], box[1], box[2] - 1, box[3] - 1), outline="yellow", width=2)
+            cells.append(source)
         views = photometric(torch.stack(views), draw_colour(2))  # as the training step colours them
         cells = [c.resize((cell, cell)) for c in cells] + [to_picture(v, cell) for v in views]
         for c, picture in enumerate(cells):
             sheet.paste(picture, (c * cell, 16 + row * cell))
-        for c, (_, was_pasted) in enumerate(pasted):
+        for c, (_, _, was_pasted) in enumerate(sources):
             draw.text((4 + (2 + c) * cell, 20 + row * cell), "pasted" if was_pasted else "original", fill="yellow")
     os.makedirs(args.output_dir, exist_ok=True)
     path = os.path.join(args.output_dir, "preview.png")

@@ -272,7 +272,11 @@ def test_dilo_training_reduces_infonce_on_fixed_views():
     model = dilo.DiLo(args)
     world = common.ToyWorld(32, 36)
     images = [torchvision.transforms.v2.functional.pil_to_tensor(world[i][0]) for i in range(32)]
-    im_q, im_k = (torch.stack([dilo.moco_v2_view(p, 32) for p in images]) for _ in range(2))  # uint8
+    def view(pixels):  # (3, 36, 36) uint8 -> a MoCo v2 view, (3, 32, 32) uint8
+        left, top, right, bottom = dilo.moco_v2_box(pixels)
+        return dilo.moco_v2_view(pixels[:, top:bottom, left:right], 32)
+
+    im_q, im_k = (torch.stack([view(p) for p in images]) for _ in range(2))
     flags = torch.zeros(32, 2, dtype=torch.bool), torch.ones(32, dtype=torch.bool), common.draw_colour(64).view(32, 2, 12)
     optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=0.03, momentum=0.9, weight_decay=1e-4)
     losses = []
@@ -337,10 +341,11 @@ def test_dilo_saliency_dir_and_folder_data(tmp_path):
     args = dilo.get_args(SMALL + ["--data", str(tmp_path / "data"), "--saliency", str(tmp_path / "sal"),
                                   "--paste-prob", "1", "--blend", "none", "--background", "dataset"])
     dataset = dilo.CopyPasteTwoViews(common.open_source(args.data, 0, 0), args)
-    image, mask, _, pasted, _ = dataset.sample(3)
-    assert mask is not None and all(was for _, was in pasted)
-    on = np.asarray(mask) >= 128
-    assert np.array_equal(np.asarray(pasted[0][0])[on], np.asarray(image)[on])
+    image, mask, _, sources, _ = dataset.sample(3)
+    assert mask is not None and all(was for _, _, was in sources)
+    window, box, _ = sources[0]
+    on = np.asarray(mask.crop(box)) >= 128
+    assert on.any() and np.array_equal(window.permute(1, 2, 0).numpy()[on], np.asarray(image.crop(box))[on])
     dilo.main(dilo.get_args(SMALL + ["--data", str(tmp_path / "data"), "--saliency", str(tmp_path / "sal"),
                                      "--steps", "2", "--output-dir", str(tmp_path / "run")]))
     assert (tmp_path / "run" / "backbone.pth").exists()
@@ -2372,6 +2377,27 @@ def test_dilo_hard_paste_alpha_blends_raw_saliency():
     soft = np.asarray(dilo.copy_paste(image, mask, background, soft=True)).astype(float)
     blurred = mask.filter(ImageFilter.GaussianBlur(radius=5))
     assert np.abs(soft - blend(blurred)).max() <= 1 and np.abs(soft - hard).max() > 5
+
+
+def test_window_paste_equals_whole_paste():
+    """A pasting view composites (and, for the Gaussian blend, blurs) only its crop window plus a
+    margin: the pixels equal the whole-image paste's window, for windows inside and at the borders."""
+    rng = np.random.default_rng(0)
+    H, W = 120, 160
+    image = Image.fromarray(rng.integers(0, 256, (H, W, 3), dtype=np.uint8))
+    background = Image.fromarray(rng.integers(0, 256, (H, W, 3), dtype=np.uint8))
+    mask = Image.fromarray(rng.integers(0, 256, (H, W), dtype=np.uint8)).filter(ImageFilter.GaussianBlur(3))
+    boxes = [(0, 0, W, H), (0, 0, 30, 40), (W - 50, H - 20, W, H), (5, 60, W, 61)]
+    boxes += [tuple(int(v) for v in dilo.moco_v2_box(image)) for _ in range(40)]
+    for soft in (False, True):
+        whole = dilo.copy_paste(image, mask, background, soft)
+        for box in boxes:
+            window = dilo.copy_paste(image, mask, background, soft, box)
+            assert window.size == (box[2] - box[0], box[3] - box[1])
+            assert np.array_equal(np.asarray(window), np.asarray(whole.crop(box))), (soft, box)
+    blurred = mask.filter(ImageFilter.GaussianBlur(radius=5))  # the margin matters: without it the border differs
+    narrow = mask.crop((40, 30, 100, 90)).filter(ImageFilter.GaussianBlur(radius=5))
+    assert not np.array_equal(np.asarray(narrow), np.asarray(blurred.crop((40, 30, 100, 90))))
 
 
 def test_jpeg_draft_keeps_recorded_geometry_exact(tmp_path):
