@@ -341,11 +341,16 @@ def test_dilo_saliency_dir_and_folder_data(tmp_path):
     args = dilo.get_args(SMALL + ["--data", str(tmp_path / "data"), "--saliency", str(tmp_path / "sal"),
                                   "--paste-prob", "1", "--blend", "none", "--background", "dataset"])
     dataset = dilo.CopyPasteTwoViews(common.open_source(args.data, 0, 0), args)
-    image, mask, _, sources, _ = dataset.sample(3)
-    assert mask is not None and all(was for _, _, was in sources)
-    window, box, _ = sources[0]
-    on = np.asarray(mask.crop(box)) >= 128
-    assert on.any() and np.array_equal(window.permute(1, 2, 0).numpy()[on], np.asarray(image.crop(box))[on])
+    torch.manual_seed(0)
+    covered = 0  # foreground pixels inside the views' crop windows: the image's own pixels there
+    for index in range(4):
+        image, mask, _, sources, _ = dataset.sample(index)
+        assert mask is not None and all(was for _, _, was in sources)
+        for window, box, _ in sources:
+            on = np.asarray(mask.crop(box)) >= 128
+            assert np.array_equal(window.permute(1, 2, 0).numpy()[on], np.asarray(image.crop(box))[on])
+            covered += on.sum()
+    assert covered > 0
     dilo.main(dilo.get_args(SMALL + ["--data", str(tmp_path / "data"), "--saliency", str(tmp_path / "sal"),
                                      "--steps", "2", "--output-dir", str(tmp_path / "run")]))
     assert (tmp_path / "run" / "backbone.pth").exists()
