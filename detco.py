@@ -278,14 +278,15 @@ def detco_loss(q, k, queues, level_weights, tau):
 
 
 def info_nce(q, k, queue, tau):  # Same as in dilo.py
-    """InfoNCE (MoCo eq. 1) in fp32. q, k: (N, D) positives row by row; queue: (K, D)."""
-    q, k = q.float(), k.float()
-    l_pos = (q * k).sum(dim=1, keepdim=True)  # (N, 1)
-    l_neg = q @ queue.t()  # (N, K)
-    logits = torch.cat([l_pos, l_neg], dim=1) / tau  # (N, 1 + K); the positive is class 0
-    target = torch.zeros(len(q), dtype=torch.long, device=q.device)
-    acc = (l_pos[:, 0] > l_neg.max(dim=1).values).float().mean()  # ties count as wrong
-    return F.cross_entropy(logits, target), acc
+    """InfoNCE (MoCo eq. 1) in fp32, also under bf16 autocast. q, k: (N, D) positives row by row; queue: (K, D)."""
+    with torch.autocast(q.device.type, enabled=False):  # autocast would run the (N, K) matmul in bf16
+        q, k, queue = q.float(), k.float(), queue.float()
+        l_pos = (q * k).sum(dim=1, keepdim=True)  # (N, 1)
+        l_neg = q @ queue.t()  # (N, K)
+        logits = torch.cat([l_pos, l_neg], dim=1) / tau  # (N, 1 + K); the positive is class 0
+        target = torch.zeros(len(q), dtype=torch.long, device=q.device)
+        acc = (l_pos[:, 0] > l_neg.max(dim=1).values).float().mean()  # ties count as wrong
+        return F.cross_entropy(logits, target), acc
 
 
 # ---------------------------------------------------------------------------------------

@@ -140,6 +140,9 @@ def get_args(argv=None):
     parser.add_argument("--patch-enqueue", type=int, default=32,
                         help="key patch vectors enqueued per patch level and step, per 256 images of global batch "
                              "(split over processes, at least 1 each)")
+    parser.add_argument("--patch-chunk", type=int, default=1024, metavar="ROWS",
+                        help="patch InfoNCE rows scored against the queue at a time (1024 x 65537 fp32 logits = 256 MB); "
+                             "0 = all rows in one matrix. The same loss either way")
     parser.add_argument("--iou-curve", nargs="+", default=[], metavar="BACKBONE", help="backbone.pth, checkpoint.pth or torchvision "
                         "ResNet state_dict files: write output-dir/iou_curve.png/.json and correspondence.png (Fig. 6, 7), then exit")
     parser.add_argument("--coco", nargs=2, default=None, metavar=("JSON", "DIR"), help="analysis images: a COCO annotation file and its image folder (None: the toy world's val split)")
@@ -151,6 +154,8 @@ def get_args(argv=None):
     check_args(parser, args)
     if min(args.alpha + args.beta) < 0 or max(args.alpha + args.beta) == 0:
         parser.error(f"--alpha {args.alpha} --beta {args.beta}: weights must be >= 0, at least one > 0")
+    if args.patch_chunk < 0:
+        parser.error(f"--patch-chunk {args.patch_chunk}: must be >= 0 (0 = one matrix)")
     if min(args.roi_size + [args.patch_enqueue]) < 1:
         parser.error(f"--roi-size {args.roi_size} --patch-enqueue {args.patch_enqueue}: must be >= 1")
     return args
@@ -292,8 +297,9 @@ class DUPR(nn.Module):
         tau, terms = self.args.temperature, {}
         for i, (m, queue) in images:  # eq. 8; clone: enqueue writes in place
             terms[f"image_{m}"], terms[f"acc_image_{m}"] = info_nce(q[i], k[i], queue.keys.clone(), tau)
-        for i, (m, queue) in patches:  # eq. 7
-            terms[f"patch_{m}"], terms[f"acc_patch_{m}"] = patch_info_nce(q[i], k[i], valid, queue.keys.clone(), tau)
+        for i, (m, queue) in patches:  # eq. 7, --patch-chunk rows of logits at a time
+            terms[f"patch_{m}"], terms[f"acc_patch_{m}"] = patch_info_nce(
+                q[i], k[i], valid, queue.keys.clone(), tau, self.args.patch_chunk)
         alpha, beta = dict(zip(LEVELS, self.args.alpha)), dict(zip(LEVELS, self.args.beta))
         loss = (sum(alpha[m] * terms[f"image_{m}"] for _, (m, _) in images)  # eq. 2
                 + sum(beta[m] * terms[f"patch_{m}"] for _, (m, _) in patches))
@@ -328,24 +334,70 @@ def sample_patch_keys(r_k, valid, n):
 
 
 def info_nce(q, k, queue, tau):  # Same as in dilo.py, detco.py, insloc.py
-    """InfoNCE (MoCo eq. 1) in fp32. q, k: (N, D) positives row by row; queue: (K, D)."""
-    q, k = q.float(), k.float()
-    l_pos = (q * k).sum(dim=1, keepdim=True)  # (N, 1)
-    l_neg = q @ queue.t()  # (N, K)
-    logits = torch.cat([l_pos, l_neg], dim=1) / tau  # (N, 1 + K); the positive is class 0
-    target = torch.zeros(len(q), dtype=torch.long, device=q.device)
-    acc = (l_pos[:, 0] > l_neg.max(dim=1).values).float().mean()  # ties count as wrong
-    return F.cross_entropy(logits, target), acc
+    """InfoNCE (MoCo eq. 1) in fp32, also under bf16 autocast. q, k: (N, D) positives row by row; queue: (K, D)."""
+    with torch.autocast(q.device.type, enabled=False):  # autocast would run the (N, K) matmul in bf16
+        q, k, queue = q.float(), k.float(), queue.float()
+        l_pos = (q * k).sum(dim=1, keepdim=True)  # (N, 1)
+        l_neg = q @ queue.t()  # (N, K)
+        logits = torch.cat([l_pos, l_neg], dim=1) / tau  # (N, 1 + K); the positive is class 0
+        target = torch.zeros(len(q), dtype=torch.long, device=q.device)
+        acc = (l_pos[:, 0] > l_neg.max(dim=1).values).float().mean()  # ties count as wrong
+        return F.cross_entropy(logits, target), acc
 
 
-def patch_info_nce(r_q, r_k, valid, queue, tau):
+def patch_info_nce(r_q, r_k, valid, queue, tau, chunk=0):
     """Eq. 7, averaged: every valid (image, position p) is one query r_1,p with its positive r_2,p.
 
-    r_q, r_k: (N, S*S, D) with cell p at the same original place in both; valid: (N,) bool.
+    r_q, r_k: (N, S*S, D) with cell p at the same original place in both; valid: (N,) bool;
+    chunk: rows of logits at a time (ChunkedInfoNCE), 0 = one (rows, 1 + K) matrix (info_nce).
     """
     if not valid.any():  # no pair overlaps: no patch loss, but keep the head in the graph (DDP)
         return 0.0 * r_q.sum(), r_q.new_zeros(())
-    return info_nce(r_q[valid].flatten(0, 1), r_k[valid].flatten(0, 1), queue, tau)  # (n_valid * S*S, D)
+    q, k = r_q[valid].flatten(0, 1), r_k[valid].flatten(0, 1)  # (n_valid * S*S, D)
+    if chunk <= 0:
+        return info_nce(q, k, queue, tau)
+    return ChunkedInfoNCE.apply(q, k, queue, tau, chunk, torch.is_grad_enabled() and q.requires_grad)
+
+
+class ChunkedInfoNCE(torch.autograd.Function):
+    """info_nce's loss and accuracy, `chunk` rows of logits at a time, and the gradient of the queries.
+
+    NOTE: eq. 7 makes every cell a query against the whole queue: at K 65536 and 32 images per GPU the
+    conv4 logits are 6,272 x 65,537 (1.64 GB fp32), and cross-entropy keeps their log-softmax and the
+    backward their gradient. The loss is a mean of per-row terms, L = mean_i (lse_i - l_pos,i / tau),
+    and its gradient is per row, dL/dq_i = ((p_i,0 - 1) k_i + sum_j p_i,j queue_j) / (tau R) with p the
+    row's softmax: so each chunk's logits are formed, reduced to lse, acc and dL/dq for its rows, and
+    freed. No tensor larger than chunk x (1 + K) exists, and the backward only scales the stored
+    gradient (R x D), so there are no recomputed logits: the same loss, gradient and matmul count.
+    The keys and the queue come from the momentum encoder and get no gradient, as in info_nce.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, queue, tau, chunk, needs_grad):
+        with torch.autocast(q.device.type, enabled=False):  # fp32 logits, as info_nce
+            q32, k, queue = q.float(), k.float(), queue.float()
+            l_pos = (q32 * k).sum(dim=1)  # (R,)
+            losses, hits = torch.empty_like(l_pos), torch.empty_like(l_pos)
+            grad = torch.empty_like(q32) if needs_grad else None
+            for start in range(0, len(q32), chunk):
+                rows = slice(start, start + chunk)
+                l_neg = q32[rows] @ queue.t()  # (chunk, K)
+                logits = torch.cat([l_pos[rows, None], l_neg], dim=1) / tau  # (chunk, 1 + K), positive first
+                lse = torch.logsumexp(logits, dim=1)  # (chunk,)
+                losses[rows] = lse - logits[:, 0]
+                hits[rows] = (l_pos[rows] > l_neg.max(dim=1).values).float()  # ties count as wrong
+                if needs_grad:
+                    del l_neg
+                    p = logits.sub_(lse[:, None]).exp_()  # (chunk, 1 + K) softmax, in place of the logits
+                    grad[rows] = ((p[:, 0, None] - 1) * k[rows] + p[:, 1:] @ queue) / (tau * len(q32))
+        ctx.save_for_backward(grad)
+        ctx.dtype = q.dtype
+        return losses.mean(), hits.mean()
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_acc):
+        grad, = ctx.saved_tensors
+        return (grad * grad_loss).to(ctx.dtype), None, None, None, None, None
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,7 +1,9 @@
-"""The repository's test suite: `python -m pytest -q test_all.py` (CPU, a few minutes, no network).
+"""The repository's test suite: `python -m pytest -q test_all.py` (CPU, about 2.5 minutes, no network).
 
 Tests assert properties a reader cares about: geometry against ground truth, equivalence
 with plain reference computations, exact resume, identical ranks, refused bad input.
+`SLOW=1 python -m pytest -q test_all.py` adds the long checks (learning runs, a second signal,
+more multi-process runs); `.ci/run` runs them all.
 """
 import contextlib
 import copy
@@ -25,6 +27,8 @@ import common
 import dilo
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# A long check whose property a faster default test also guards, or a variant of one that runs by default.
+slow = pytest.mark.skipif(os.environ.get("SLOW") != "1", reason="a long check: SLOW=1 runs it (.ci/run does)")
 
 
 def read_log(path, events=False):
@@ -37,6 +41,30 @@ def state_equal(a, b, atol=1e-6):
     assert a.keys() == b.keys()
     for key in a:
         assert torch.allclose(a[key].float(), b[key].float(), atol=atol), key
+
+
+def outline_share(picture, box, colour, tolerance=0):
+    """Share of 160 points on the rectangle box = (x1, y1, x2, y2), in picture pixels, that have a
+    pixel of `colour` (RGB, +-tolerance per channel; or a list of colours) within one pixel."""
+    pixels = np.asarray(picture.convert("RGB")).astype(int)
+    x1, y1, x2, y2 = box
+    steps = np.linspace(0, 1, 40)
+    points = ([(x1 + (x2 - x1) * u, y) for u in steps for y in (y1, y2)]
+              + [(x, y1 + (y2 - y1) * u) for u in steps for x in (x1, x2)])
+    hits = 0
+    for x, y in points:
+        column, row = int(round(x)), int(round(y))
+        near = pixels[max(row - 1, 0):row + 2, max(column - 1, 0):column + 2]
+        hits += any(bool((np.abs(near - np.array(c)).max(-1) <= tolerance).any()) for c in np.reshape(colour, (-1, 3)))
+    return hits / len(points)
+
+
+def recorded_preview(module, dataset, args):
+    """module.write_preview on `dataset`, returning the sheet and what dataset.sample gave each row."""
+    samples, sample = [], dataset.sample
+    dataset.sample = lambda index: samples.append(sample(index)) or samples[-1]
+    module.write_preview(dataset, args)
+    return Image.open(os.path.join(args.output_dir, "preview.png")), samples
 
 
 def killed_and_resumed(module, args, tmp_path, monkeypatch):
@@ -69,37 +97,64 @@ def killed_and_resumed(module, args, tmp_path, monkeypatch):
 
 
 RANK_CHECK = """
-import sys, torch, torch.distributed as dist
+import json, sys, torch, torch.distributed as dist
 sys.path.insert(0, {here!r})
-import {module} as trainer
-forward = trainer.{model}.forward
-def checked_forward(self, *batch):
-    # state after the previous step, on every rank: parameters of f_q and f_k, and every queue
-    queues = [b.flatten() for name, b in self.named_buffers() if name.endswith("keys")]
-    assert len(queues) == {queues}, len(queues)
-    flat = torch.cat([p.detach().flatten() for p in self.parameters()] + queues)
-    copies = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
-    dist.all_gather(copies, flat)
-    assert all(torch.equal(copies[0], c) for c in copies), "ranks differ"
-    return forward(self, *batch)
-trainer.{model}.forward = checked_forward
-args = trainer.get_args(sys.argv[1:])
-trainer.main(args)
-print("rank", args.rank, "checked", "ok")
+runs = json.loads({runs!r})  # [(module, model class, queue count, flags)]; the command line's flags follow
+dist.init_process_group("gloo")  # one process group for all runs: torchrun's store does not take many inits
+destroy = dist.destroy_process_group
+dist.init_process_group = dist.destroy_process_group = lambda *args, **kwargs: None
+for module, model, queues, flags in runs:
+    trainer = __import__(module)
+    def checked_forward(self, *batch, forward=getattr(trainer, model).forward, queues=queues):
+        # state after the previous step, on every rank: parameters of f_q and f_k, and every queue
+        keys = [b.flatten() for name, b in self.named_buffers() if name.endswith("keys")]
+        assert len(keys) == queues, len(keys)
+        flat = torch.cat([p.detach().flatten() for p in self.parameters()] + keys)
+        copies = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
+        dist.all_gather(copies, flat)
+        assert all(torch.equal(copies[0], c) for c in copies), "ranks differ"
+        return forward(self, *batch)
+    getattr(trainer, model).forward = checked_forward
+    args = trainer.get_args(flags + sys.argv[1:])
+    trainer.main(args)
+    print(module, "rank", args.rank, "checked", "ok", flush=True)
+destroy()
 """
 
+# Each trainer under torchrun --nproc_per_node=2, one after another in the same two processes.
+RANK_RUNS = [("dilo", "DiLo", 1, ["--steps", "4", "--batch-size", "16", "--image-size", "32"]),
+             ("dupr", "DUPR", 6, ["--steps", "3", "--batch-size", "16", "--image-size", "32", "--queue-size", "1000",
+                                  "--patch-enqueue", "96"]),
+             ("detco", "DetCo", 8, ["--steps", "3", "--batch-size", "8", "--image-size", "32", "--bn-batch", "2"]),
+             ("insloc", "InsLoc", 1, ["--steps", "3", "--batch-size", "8", "--image-size", "32", "--bn-batch", "4"])]
 
-def run_two_ranks(module, model, queues, port, args, tmp_path):
-    """torchrun --nproc_per_node=2 (gloo): parameters and queues identical on both ranks at every forward."""
-    script = tmp_path / "check.py"
-    script.write_text(RANK_CHECK.format(here=HERE, module=module, model=model, queues=queues))
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-               str(script), "--tiny", "--epochs", "1", "--workers", "0", "--output-dir", str(tmp_path / "run")] + args
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """torchrun --nproc_per_node=2 (gloo) of every trainer's --tiny for a few steps: parameters and
+    queues identical on both ranks at every forward; returns the output folder (one run per module)."""
+    out = tmp_path_factory.mktemp("two_ranks")
+    runs = [(module, model, queues, ["--tiny", "--epochs", "1", "--workers", "0", "--print-freq", "1",
+                                     "--output-dir", str(out / module)] + flags) for module, model, queues, flags in RANK_RUNS]
+    script = out / "check.py"
+    script.write_text(RANK_CHECK.format(here=HERE, runs=json.dumps(runs)))
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29611", str(script)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("checked ok") == 2
-    assert (tmp_path / "run" / "backbone.pth").exists()
+    for module, *_ in RANK_RUNS:
+        assert result.stdout.count(f"{module} rank") == 2, result.stdout
+        assert (out / module / "backbone.pth").exists()
+    return out
+
+
+@pytest.mark.parametrize("module", [run[0] for run in RANK_RUNS])
+def test_two_processes_identical_ranks(module, two_ranks):
+    """Rank 0 logged every step of the global batch and saved the epoch (the ranks were checked equal)."""
+    records = read_log(two_ranks / module / "log.jsonl", events=True)
+    assert records[0]["world_size"] == 2 and [r["epoch"] for r in records if "checkpoint" in r] == [0]
+    flags = next(flags for name, _, _, flags in RANK_RUNS if name == module)  # pairs: --flag value
+    steps = int(dict(zip(flags[::2], flags[1::2]))["--steps"])
+    assert [r["iteration"] for r in records if "iteration" in r] == list(range(steps))
 
 
 # ---------------------------------------------------------------------------------------
@@ -251,7 +306,7 @@ def test_copy_paste_pixels_and_probabilities():
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("dilo_tiny")
-    dilo.main(dilo.get_args(["--tiny", "--epochs", "1", "--steps", "10", "--output-dir", str(out), "--workers", "0"]))
+    dilo.main(dilo.get_args(["--tiny", "--epochs", "1", "--steps", "3", "--output-dir", str(out), "--workers", "0"]))
     return out
 
 
@@ -264,6 +319,7 @@ def test_dilo_tiny_run_writes_its_outputs(tiny_run):
     assert all(0 < r["pasted"] < 1 for r in records if "iteration" not in r)  # p = 0.3 per view
 
 
+@slow
 def test_dilo_training_reduces_infonce_on_fixed_views():
     """The gradient path works: on fixed views of 32 images the InfoNCE loss falls well below
     ln(K + 1) once the queue is full (a 1-minute run on fresh views does not get that far)."""
@@ -287,7 +343,7 @@ def test_dilo_training_reduces_infonce_on_fixed_views():
         optimizer.step()
         losses.append(loss.item())
     full_queue = np.mean(losses[8:13])  # 256 / 32 = 8 steps fill the queue with real keys
-    assert np.mean(losses[-5:]) < full_queue - 0.5 and full_queue > 4.5
+    assert np.mean(losses[-5:]) < full_queue - 0.25 and full_queue > 4.5  # measured: 5.32 -> 4.33 (AVX2 alike)
 
 
 def test_backbone_loads_into_torchvision_and_matches_encoder(tiny_run):
@@ -303,8 +359,10 @@ def test_backbone_loads_into_torchvision_and_matches_encoder(tiny_run):
     assert torch.allclose(c5, model.encoder_q.backbone(x)[-1], atol=1e-5)
 
 
+@slow
 def test_exact_resume(tmp_path, monkeypatch):
-    """2 epochs in one run == killed during epoch 2, then the same command rerun."""
+    """2 epochs in one run == killed during epoch 2, then the same command rerun. (By default the
+    SIGINT test checks dilo's exact resume as a user meets it.)"""
     once, twice = killed_and_resumed(dilo, SMALL + ["--steps", "2", "--paste-prob", "0.5"], tmp_path, monkeypatch)
     assert torch.equal(once["model"]["queue.keys"], twice["model"]["queue.keys"])
 
@@ -331,9 +389,16 @@ def test_nan_loss_stops_with_iteration(tmp_path):
 
 
 def test_dilo_preview(tmp_path):
-    dilo.main(dilo.get_args(["--tiny", "--preview", "8", "--output-dir", str(tmp_path)]))
-    sheet = Image.open(tmp_path / "preview.png")
-    assert sheet.size == (6 * 128, 16 + 8 * 128)
+    """Each source cell outlines its view's crop window (yellow), at the window's place in the original."""
+    args = dilo.get_args(["--tiny", "--preview", "6", "--paste-prob", "0.5", "--output-dir", str(tmp_path)])
+    dataset = dilo.CopyPasteTwoViews(common.open_source("synthetic", 100, args.image_size * 8 // 7), args)
+    sheet, samples = recorded_preview(dilo, dataset, args)
+    assert sheet.size == (6 * 128, 16 + 6 * 128) and len(samples) == 6
+    for row, (image, _, _, sources, _) in enumerate(samples):
+        sx, sy, top = 128 / image.width, 128 / image.height, 16 + row * 128
+        for c, (_, (x1, y1, x2, y2), _) in enumerate(sources):
+            box = ((2 + c) * 128 + x1 * sx, top + y1 * sy, (2 + c) * 128 + (x2 - 1) * sx, top + (y2 - 1) * sy)
+            assert outline_share(sheet, box, (255, 255, 0), tolerance=60) > 0.8, (row, c)
 
 
 def test_dilo_saliency_dir_and_folder_data(tmp_path):
@@ -354,10 +419,6 @@ def test_dilo_saliency_dir_and_folder_data(tmp_path):
     dilo.main(dilo.get_args(SMALL + ["--data", str(tmp_path / "data"), "--saliency", str(tmp_path / "sal"),
                                      "--steps", "2", "--output-dir", str(tmp_path / "run")]))
     assert (tmp_path / "run" / "backbone.pth").exists()
-
-
-def test_two_processes_identical_ranks(tmp_path):
-    run_two_ranks("dilo", "DiLo", 1, 29611, ["--steps", "4", "--batch-size", "16", "--image-size", "32"], tmp_path)
 
 
 # ---------------------------------------------------------------------------------------
@@ -623,22 +684,15 @@ def test_dupr_reduces_to_moco_v2_of_dilo():
     assert torch.allclose(ours.image_queues["conv5"].keys, theirs.queue.keys, atol=1e-6)
 
 
-@pytest.fixture(scope="module")
-def _dupr_tiny_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("dupr_tiny")
-    dupr.main(dupr.get_args(["--tiny", "--steps", "2", "--epochs", "1", "--output-dir", str(out), "--workers", "0"]))
-    return out
-
-
-def test_dupr_backbone_loads_into_torchvision(_dupr_tiny_run):
-    state = torch.load(_dupr_tiny_run / "backbone.pth", weights_only=True)
+def test_dupr_backbone_loads_into_torchvision(_resume_run):
+    state = torch.load(_resume_run / "backbone.pth", weights_only=True)
     net = torchvision.models.resnet18()
     result = net.load_state_dict(state, strict=False)
     assert sorted(result.missing_keys) == ["fc.bias", "fc.weight"] and not result.unexpected_keys
-    model = dupr.DUPR(dupr.get_args(["--tiny"]))
-    model.load_state_dict(torch.load(_dupr_tiny_run / "checkpoint.pth", weights_only=True)["model"])
+    model = dupr.DUPR(dupr.get_args(_DUPR_SMALL))
+    model.load_state_dict(torch.load(_resume_run / "checkpoint.pth", weights_only=True)["model"])
     net.eval(), model.eval()
-    x = torch.randn(2, 3, 64, 64)
+    x = torch.randn(2, 3, 32, 32)
     c5 = nn.Sequential(*list(net.children())[:-2])(x)
     assert torch.allclose(c5, model.encoder_q.backbone(x)[-1], atol=1e-5)
 
@@ -653,12 +707,28 @@ def test_dupr_exact_resume(tmp_path, monkeypatch):
 
 
 def test_dupr_preview(tmp_path):
-    dupr.main(dupr.get_args(["--tiny", "--preview", "4", "--output-dir", str(tmp_path)]))
-    assert Image.open(tmp_path / "preview.png").size == (3 * 160, 16 + 4 * 160)
-
-
-def test_dupr_two_processes_identical_ranks(tmp_path):
-    run_two_ranks("dupr", "DUPR", 6, 29621, ["--steps", "3", "--batch-size", "16", "--image-size", "32"], tmp_path)
+    """R_q red and R_k blue on the original; B_v (yellow, the outline of its S x S grid) in each view."""
+    args = dupr.get_args(["--tiny", "--preview", "4", "--output-dir", str(tmp_path)])
+    dataset = dupr.TwoViewsWithBoxes(common.open_source("synthetic", 100, args.image_size * 8 // 7), args)
+    sheet, samples = recorded_preview(dupr, dataset, args)
+    assert sheet.size == (3 * 160, 16 + 4 * 160)
+    checked = 0
+    for row, (image, views) in enumerate(samples):
+        top, scale = 16 + row * 160, torch.tensor([160 / image.width, 160 / image.height] * 2)
+        crops = [torch.tensor(crop, dtype=torch.float32) for _, crop, _ in views]
+        for crop, colour in zip(crops, ((255, 0, 0), (0, 0, 255))):  # B (yellow) is drawn over parts of them
+            box = (crop * scale + torch.tensor([0, top, 0, top])).tolist()
+            assert outline_share(sheet, box, [colour, (255, 255, 0)]) > 0.8, (row, colour)
+        shifted = (crops[0] * scale + torch.tensor([12, top + 12, 12, top + 12])).tolist()
+        assert outline_share(sheet, shifted, (255, 0, 0)) < 0.4  # the check can fail
+        flips = [torch.tensor([flipped]) for _, _, flipped in views]
+        B_q, B_k, valid = dupr.intersection_in_views(crops[0][None], crops[1][None], *flips, (160, 160), (160, 160))
+        for c, box in enumerate((B_q[0], B_k[0]), start=1):
+            if valid:
+                box = (box + torch.tensor([c * 160, top, c * 160, top])).tolist()
+                assert outline_share(sheet, box, (255, 255, 0)) > 0.5, (row, c)  # the next cell covers x = 160
+                checked += 1
+    assert checked >= 4
 
 
 # ---------------------------------------------------------------------------------------
@@ -773,6 +843,7 @@ def test_detco_backbone_loads_into_torchvision_and_logs_every_term(_detco_small_
             assert f"{term}_{level}" in record and f"acc_{term}_{level}" in record
 
 
+@slow
 def test_detco_exact_resume(tmp_path, monkeypatch):
     """2 epochs in one run == killed during epoch 2, then the same command rerun."""
     once, twice = killed_and_resumed(detco, SMALL + ["--steps", "2"], tmp_path, monkeypatch)
@@ -781,13 +852,16 @@ def test_detco_exact_resume(tmp_path, monkeypatch):
 
 
 def test_detco_preview(tmp_path):
-    detco.main(detco.get_args(["--tiny", "--preview", "3", "--output-dir", str(tmp_path)]))
-    assert Image.open(tmp_path / "preview.png").size == (5 * 128, 16 + 3 * 128)
-
-
-def test_detco_two_processes_identical_ranks(tmp_path):
-    run_two_ranks("detco", "DetCo", 8, 29631,
-                  ["--steps", "3", "--batch-size", "8", "--image-size", "32", "--bn-batch", "2"], tmp_path)
+    """The original shows the global crops (red, blue) and the local crops (yellow, lime) where they were cut."""
+    args = detco.get_args(["--tiny", "--preview", "3", "--output-dir", str(tmp_path)])
+    dataset = detco.GlobalLocalViews(common.open_source("synthetic", 100, args.image_size * 8 // 7), args)
+    sheet, samples = recorded_preview(detco, dataset, args)
+    assert sheet.size == (5 * 128, 16 + 3 * 128)
+    for row, (image, views, jigsaws) in enumerate(samples):
+        sx, sy, top = 128 / image.width, 128 / image.height, 16 + row * 128
+        for region, colour in zip(views + jigsaws, ((255, 0, 0), (0, 0, 255), (255, 255, 0), (0, 255, 0))):
+            x1, y1, x2, y2 = region["box"]
+            assert outline_share(sheet, (x1 * sx, top + y1 * sy, x2 * sx, top + y2 * sy), colour) > 0.5, (row, colour)
 
 
 # ---------------------------------------------------------------------------------------
@@ -964,18 +1038,15 @@ def test_insloc_c4_trains_and_preview(tmp_path):
     assert Image.open(tmp_path / "preview.png").size == (5 * 128, 16 + 4 * 128)
 
 
-def test_insloc_two_processes_identical_ranks(tmp_path):
-    run_two_ranks("insloc", "InsLoc", 1, 29641, ["--steps", "3", "--batch-size", "8", "--image-size", "32", "--bn-batch", "4"],
-                  tmp_path)
-
-
+@slow
 @pytest.mark.parametrize("module, model_class, views_class, extra, term_count", [
     (dupr, dupr.DUPR, dupr.TwoViewsWithBoxes, [], 6), (detco, detco.DetCo, detco.GlobalLocalViews, [], 12),
     (insloc, insloc.InsLoc, insloc.InstanceComposition, ["--variant", "c4"], 0),  # one term: the total
     (insloc, insloc.InsLoc, insloc.InstanceComposition, ["--variant", "fpn"], 4)], ids=["dupr", "detco", "insloc-c4", "insloc-fpn"])
 def test_every_loss_term_falls_on_fixed_views(module, model_class, views_class, extra, term_count):
-    """Each logged loss term gets a gradient that lowers it: 25 steps on one fixed batch of 8 toy
+    """Each logged loss term gets a gradient that lowers it: 50 steps on one fixed batch of 8 toy
     images (the method's own views, boxes and patches), K = 32, once the queue holds real keys.
+    The smallest fall is DetCo's l2g_res2, 0.16 (the default and the AVX2 kernels alike): 3x the margin.
 
     NOTE: lr 0.001 at batch 8 (0.032 per 256; the papers use 0.03-0.06) and m 0.99. At 30x that rate
     (lr 0.03) InsLoc-FPN's shared head and DetCo's local terms rise toward ln(K + 1) even here.
@@ -988,7 +1059,7 @@ def test_every_loss_term_falls_on_fixed_views(module, model_class, views_class, 
     batch = [torch.stack(column) for column in zip(*[dataset[i] for i in range(8)])]
     optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=0.001, momentum=0.9, weight_decay=1e-4)
     history = []
-    for _ in range(25):
+    for _ in range(50):
         loss, terms = model(*batch)
         optimizer.zero_grad()
         loss.backward()
@@ -1604,11 +1675,12 @@ def test_analysis_tools_refuse_non_backbones_in_one_line(tmp_path):
                            ("other.pth", "no torchvision ResNet weights"), ("bad.pth", "not a complete resnet18")):
         with pytest.raises(SystemExit, match=fragment):
             common.load_backbone(str(tmp_path / name), "--readout")
-    for script, flag, name in (("dupr.py", "--iou-curve", "notes.txt"), ("insloc.py", "--readout", "other.pth")):
-        result = subprocess.run([sys.executable, script, "--tiny", flag, str(tmp_path / name), "--output-dir", str(tmp_path)],
-                                cwd=HERE, capture_output=True, text=True, timeout=300)
-        assert result.returncode != 0 and "Traceback" not in result.stderr
-        assert result.stderr.strip().count("\n") == 0 and result.stderr.startswith(f"error: {flag} {tmp_path / name}:")
+    result = subprocess.run([sys.executable, "dupr.py", "--tiny", "--iou-curve", str(tmp_path / "notes.txt"), "--output-dir",
+                             str(tmp_path)], cwd=HERE, capture_output=True, text=True, timeout=300)  # as a user sees it
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip().count("\n") == 0 and result.stderr.startswith(f"error: --iou-curve {tmp_path / 'notes.txt'}:")
+    with pytest.raises(SystemExit, match=f"^error: --readout {tmp_path / 'other.pth'}: .*no torchvision ResNet weights"):
+        insloc.main(insloc.get_args(["--tiny", "--readout", str(tmp_path / "other.pth"), "--output-dir", str(tmp_path)]))
 # --- detection transfer exactness (issue 18) ---
 
 def _detect_random_polygons(rng, n):
@@ -1649,17 +1721,13 @@ def _detect_random_polygons(rng, n):
 
 def test_detect_polygon_rle_is_pycocotools_byte_for_byte():
     from pycocotools import mask as mask_utils
-    import time
     cases = _detect_random_polygons(np.random.default_rng(18), 720)
-    start = time.time()
     ours = [detect.rle_encode(detect.mask_from_segmentation(parts, h, w))["counts"] for parts, h, w in cases]
     single = [detect.rle_counts_to_string(detect.polygon_rle_counts(parts[0], h, w)) for parts, h, w in cases]
-    elapsed = time.time() - start
     for n, (parts, h, w) in enumerate(cases):
         rles = mask_utils.frPyObjects(parts, h, w)
         assert ours[n] == mask_utils.merge(rles)["counts"].decode(), (n, parts, h, w)  # COCO.annToRLE
         assert single[n] == rles[0]["counts"].decode(), (n, parts[0], h, w)  # rleFrPoly itself, before the merge
-    assert elapsed < 10  # about a second on one core
     # an odd trailing value is dropped, as frPoly's len(p) / 2
     for parts in ([[1, 1, 9, 2, 4, 8, 7]], [[1, 1, 9, 2, 4, 8, 7], [0, 0, 3, 0, 3.5, 5.5, 1]]):
         assert detect.rle_encode(detect.mask_from_segmentation(parts, 12, 11))["counts"] == \
@@ -2017,7 +2085,14 @@ def test_bn_batch_must_divide_the_local_batch():
 GHOST_METHODS = [("dilo", "DiLo", ["--paste-prob", "0"]), ("detco", "DetCo", []), ("insloc", "InsLoc", ["--variant", "fpn"])]
 
 
-def _ghost_bn_steps(method, model_class, extra, bn_batch=4, steps=3, B=8, size=32):
+def _info_nce_fp64(q, k, queue, tau):
+    """The trainers' info_nce without its cast to fp32 (it computes in fp32 even for fp64 inputs)."""
+    l_pos, l_neg = (q * k).sum(dim=1, keepdim=True), q @ queue.t().to(q.dtype)
+    logits = torch.cat([l_pos, l_neg], dim=1) / tau
+    return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long)), (l_pos[:, 0] > l_neg.max(dim=1).values).double().mean()
+
+
+def _ghost_bn_steps(method, model_class, extra, bn_batch=4, steps=2, B=8, size=32):
     """`steps` SGD steps of `method` (fp64) on fixed random batches of B samples and fixed key
     permutations. World size 2: rank r takes rows r, r + 2, ... (as DistributedSampler would) and
     BN sees its B/2 rows; world size 1 with --bn-batch B/2: ghost BN groups rows g, g + 2, ... and
@@ -2030,13 +2105,14 @@ def _ghost_bn_steps(method, model_class, extra, bn_batch=4, steps=3, B=8, size=3
                             "--queue-size", str(2 * B)] + extra)
     model = getattr(module, model_class)(args).double().train()
     for queue in (m for m in model.modules() if isinstance(m, common.MomentumQueue)):
-        queue.float()  # InfoNCE runs in fp32 (q.float() @ queue.t())
+        queue.float()  # the queues hold fp32 keys (MomentumQueue.enqueue)
     optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=0.1, momentum=0.9)
     generator = torch.Generator().manual_seed(1)
     L = B // 2  # samples per rank of the two-process run = per BN group of the one-process run
     to_full = lambda x: (x % L) * 2 + x // L  # row of the two-process gathered batch -> row of the full batch
     average = lambda t: (torch.distributed.all_reduce(t), t / world)[1] if world > 1 else t
-    broadcast_permutation, records = common._broadcast_permutation, []
+    broadcast_permutation, info_nce, records = common._broadcast_permutation, module.info_nce, []
+    module.info_nce = _info_nce_fp64  # fp64 through the loss, so that rounding cannot hide a BN difference
     try:
         for _ in range(steps):
             image = lambda *shape: torch.randn(B, *shape, generator=generator, dtype=torch.float64)
@@ -2063,7 +2139,7 @@ def _ghost_bn_steps(method, model_class, extra, bn_batch=4, steps=3, B=8, size=3
             grads = torch.cat([p.grad.flatten() for p in model.encoder_q.parameters()])
             records.append((average(loss.detach()), grads))
     finally:
-        common._broadcast_permutation = broadcast_permutation
+        common._broadcast_permutation, module.info_nce = broadcast_permutation, info_nce
     statistics = {name: average(b.detach().clone()) for name, b in model.named_buffers() if "running" in name}
     return {"loss": torch.stack([r[0] for r in records]), "grads": torch.stack([r[1] for r in records]),
             "statistics": statistics}
@@ -2081,7 +2157,7 @@ if dist.get_rank() == 0:
 
 
 def test_ghost_bn_one_process_equals_two_processes(tmp_path):
-    """One process, local batch 8, --bn-batch 4 == two gloo processes of 4 (per-GPU BN), for 3 SGD
+    """One process, local batch 8, --bn-batch 4 == two gloo processes of 4 (per-GPU BN), for 2 SGD
     steps of DiLo (MoCo v2), DetCo (patches) and InsLoc R50-FPN (FPN and box head BN): same loss,
     gradients, and running statistics (the two ranks' average), given the same samples and keys."""
     script = tmp_path / "ranks.py"
@@ -2092,34 +2168,25 @@ def test_ghost_bn_one_process_equals_two_processes(tmp_path):
     two = torch.load(tmp_path / "two.pth", weights_only=True)
     for method, model_class, extra in GHOST_METHODS:
         one = _ghost_bn_steps(method, model_class, extra)
-        # fp64 models; InfoNCE is fp32 (gradients up to ~10 agree to ~2e-6)
-        assert (one["loss"] - two[method]["loss"]).abs().max() < 1e-5, method
-        assert (one["grads"] - two[method]["grads"]).abs().max() < 1e-5, method
+        # fp64 models and loss (fp32 queues): equal to 1e-6 on any CPU (fp32 losses differed by 2e-5 relative on
+        # an AVX-512 CPU after 3 steps); a BN group of the wrong samples differs by > 1% (below)
+        assert (one["loss"] - two[method]["loss"]).abs().max() < 1e-6, method
+        assert (one["grads"] - two[method]["grads"]).abs().max() < 1e-6 * two[method]["grads"].abs().max(), method
         assert one["statistics"].keys() == two[method]["statistics"].keys()
         for name, value in one["statistics"].items():
             assert (value - two[method]["statistics"][name]).abs().max() < 1e-6, (method, name)
         if method == "dilo":  # without ghost BN (the query's BN sees all 8) the runs differ
-            plain = _ghost_bn_steps(method, model_class, extra, bn_batch=8)
+            plain = _ghost_bn_steps(method, model_class, extra, bn_batch=8, steps=1)
             assert (plain["loss"] - two[method]["loss"]).abs().max() > 0.05
 # --- fidelity to the papers and releases (issue 19) ---
 
 
-def _dupr_run(tmp_path, name, processes, extra):
-    """dupr.py --tiny for 3 steps in 1 process or under torchrun with 2 (gloo) -> its checkpoint."""
-    launcher = [sys.executable] + (["-m", "torch.distributed.run", f"--nproc_per_node={processes}",
-                                    "--master_port=29637"] if processes > 1 else [])
-    command = launcher + [os.path.join(HERE, "dupr.py"), "--tiny", "--epochs", "1", "--steps", "3", "--workers", "0",
-                          "--image-size", "32", "--batch-size", "16", "--output-dir", str(tmp_path / name)] + extra
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
-    return torch.load(tmp_path / name / "checkpoint.pth", weights_only=True)
-
-
-def test_dupr_patch_enqueue_is_per_256_images_of_global_batch(tmp_path):
+def test_dupr_patch_enqueue_is_per_256_images_of_global_batch(tmp_path, two_ranks):
     """--patch-enqueue 96 at a global batch of 16: 6 patch keys per level and step in total, whether
     one process enqueues 6 or two processes 3 each (the paper: 32 per 256 images, any GPU count)."""
-    extra = ["--queue-size", "1000", "--patch-enqueue", "96"]
-    one, two = _dupr_run(tmp_path, "one", 1, extra), _dupr_run(tmp_path, "two", 2, extra)
+    flags = next(flags for name, _, _, flags in RANK_RUNS if name == "dupr")
+    dupr.main(dupr.get_args(["--tiny", "--epochs", "1", "--workers", "0", "--output-dir", str(tmp_path)] + flags))
+    one, two = (torch.load(folder / "checkpoint.pth", weights_only=True) for folder in (tmp_path, two_ranks / "dupr"))
     for m in ("conv4", "conv5"):
         pointers = [int(run["model"][f"patch_queues.{m}.ptr"]) for run in (one, two)]
         assert pointers == [3 * 6, 3 * 6], (m, pointers)
@@ -2346,14 +2413,15 @@ def test_detco_patch_set_shares_its_colour(monkeypatch):
 
 
 def test_insloc_foreground_long_side_matches_release():
-    """The release fits the crop into (w, h) drawn in [128, 255) whichever its orientation: over 20k
-    draws (crops of 500 x 375 images) the mean long side is 200 px (tying width to w gave 186)."""
+    """The release fits the crop into (w, h) drawn in [128, 255) whichever its orientation: over 5k
+    draws (crops of 500 x 375 images) the mean long side is 200 px +- 2 (4 standard errors; tying
+    width to w gave 186)."""
     torch.manual_seed(0)
     image = torch.zeros(3, 375, 500)
     lo, hi = insloc.pixel_sizes(256)["foreground"]
     assert (lo, hi) == (128, 255)
     long_sides = []
-    for draw in range(20_000):
+    for draw in range(5_000):
         _, _, h, w = torchvision.transforms.RandomResizedCrop.get_params(image, (0.2, 1.0), (1 / 2, 2))
         torch.manual_seed(draw)
         width, height = insloc.fit_foreground(w, h, lo, hi)
@@ -2431,14 +2499,38 @@ def test_jpeg_draft_keeps_recorded_geometry_exact(tmp_path):
     assert max(errors) <= 3  # JPEG and rounding; a box off by 1% of the image would be 2.5 levels on average
 
 
+class _BusyItems(torch.utils.data.Dataset):
+    """Each item costs `ms` of CPU time (bench_loader measures process time, not wall time)."""
+
+    def __init__(self, ms):
+        self.ms = ms
+
+    def __len__(self):
+        return 3
+
+    def __getitem__(self, index):
+        start = time.process_time()
+        while time.process_time() - start < self.ms / 1000:
+            pass
+        return index
+
+
 @pytest.mark.parametrize("module", ["dilo", "dupr", "detco", "insloc"])
-def test_bench_loader_prints_ms_per_item(module, tmp_path):
-    result = subprocess.run([sys.executable, os.path.join(HERE, f"{module}.py"), "--tiny", "--bench-loader", "4",
-                             "--output-dir", str(tmp_path)], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
-    line = result.stdout.strip().splitlines()[-1]
-    assert line.endswith("ms/item") and float(line.split()[-2]) > 0, line
+def test_bench_loader_prints_ms_per_item(module, tmp_path, capsys):
+    threads = torch.get_num_threads()  # --bench-loader measures one thread
+    try:
+        common.bench_loader(_BusyItems(8.0), 6)
+        busy = capsys.readouterr().out.strip()
+        trainer = TRAINERS[module]
+        trainer.main(trainer.get_args(["--tiny", "--bench-loader", "4", "--output-dir", str(tmp_path)]))
+        line = capsys.readouterr().out.strip().splitlines()[-1]
+    finally:
+        torch.set_num_threads(threads)
+    assert busy.startswith("_BusyItems: 6 items, loader ") and 8.0 <= float(busy.split()[-2]) < 10, busy
+    assert line.endswith("ms/item") and 0.05 < float(line.split()[-2]) < 5000, line  # a loader item of 64-px views
     assert not (tmp_path / "checkpoint.pth").exists()
+
+
 # --- resume safety (issues 17, 24) ---
 
 _RESUME = _DUPR_SMALL + ["--steps", "2"]  # dupr --tiny, 2 steps of 8 images at 32 px
@@ -2477,17 +2569,19 @@ def test_resume_smoke_then_real_run_stops_with_one_line(_resume_run):
 
 
 def test_resume_changed_recipe_flag_names_both_values(_resume_run):
-    code, out, err = _run_trainer("dupr.py", _RESUME + ["--beta", "0", "0", "0.5", "1", "--workers", "1",
-                                                        "--print-freq", "5", "--output-dir", str(_resume_run)])
-    line = _one_line(err)
-    assert code != 0 and "--beta 0.0 0.0 1.0 1.0 (checkpoint) vs 0.0 0.0 0.5 1.0 (command line)" in line
+    with pytest.raises(SystemExit) as stopped:  # the same one line a user sees (test_resume_smoke_then_real_run...)
+        dupr.main(dupr.get_args(_RESUME + ["--beta", "0", "0", "0.5", "1", "--workers", "1", "--print-freq", "5",
+                                           "--patch-chunk", "7", "--output-dir", str(_resume_run)]))
+    line = _one_line(str(stopped.value))
+    assert "--beta 0.0 0.0 1.0 1.0 (checkpoint) vs 0.0 0.0 0.5 1.0 (command line)" in line
+    assert "--patch-chunk" not in line  # the same loss, evaluated in other chunks
     assert "--workers" not in line and "--print-freq" not in line  # not part of the recipe
 
 
-def test_resume_finished_run_has_nothing_to_do(_resume_run):
-    code, out, err = _run_trainer("dupr.py", _RESUME + ["--epochs", "1", "--output-dir", str(_resume_run)])
-    assert code == 0, err
-    assert "nothing to do: 1 of 1 epochs done" in out and " epoch 1/" not in out and "Traceback" not in err
+def test_resume_finished_run_has_nothing_to_do(_resume_run, capsys):
+    dupr.main(dupr.get_args(_RESUME + ["--epochs", "1", "--output-dir", str(_resume_run)]))
+    out = capsys.readouterr().out
+    assert "nothing to do: 1 of 1 epochs done" in out and " epoch 1/" not in out
 
 
 def test_resume_more_epochs_extend_and_respread_the_cosine(_resume_run, tmp_path, capsys):
@@ -2569,7 +2663,7 @@ def _uninterrupted(tmp_path_factory):
     return torch.load(out / "checkpoint.pth", weights_only=True)
 
 
-@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("signal_name", ["SIGINT", pytest.param("SIGTERM", marks=slow)])
 def test_resume_interrupt_mid_epoch_one_line_then_exact_resume(signal_name, _uninterrupted, tmp_path):
     """Ctrl-C (SIGINT to the process group: the loader workers get it too) or SIGTERM (a scheduler,
     torchrun) in epoch 1: one line, then the same command resumes exactly."""
@@ -2620,6 +2714,7 @@ def _two_nodes(commands, port, timeout=240):
             p.kill()
 
 
+@slow
 def test_resume_two_nodes_agree_or_both_stop(tmp_path):
     import socket
     shared, empty = tmp_path / "shared", tmp_path / "empty"
@@ -2635,7 +2730,7 @@ def test_resume_two_nodes_agree_or_both_stop(tmp_path):
     assert torch.load(shared / "checkpoint.pth", weights_only=True)["epoch"] == 1
     # both see the same file: both resume, identical at every forward (RANK_CHECK), and finish epoch 1
     script = tmp_path / "check.py"
-    script.write_text(RANK_CHECK.format(here=HERE, module="dilo", model="DiLo", queues=1))
+    script.write_text(RANK_CHECK.format(here=HERE, runs=json.dumps([("dilo", "DiLo", 1, [])])))
     for code, out, err in _two_nodes([[str(script)] + flags + ["--epochs", "2", "--output-dir", str(shared)]] * 2, 29653):
         assert code == 0 and "checked ok" in out, err[-3000:]
     assert torch.load(shared / "checkpoint.pth", weights_only=True)["epoch"] == 2
@@ -2680,13 +2775,13 @@ def _run_dilo_tiny(args, tmp_path, nproc=1):
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
-def test_one_unreadable_image_in_161_is_skipped_once_over_3_epochs(tmp_path):
+def test_one_unreadable_image_in_161_is_skipped_once_over_2_epochs(tmp_path):
     """Workers are forked anew every epoch: the bad file is remembered, warned about once, never retried."""
     data = _folder_with_unreadable(tmp_path, 160, 1)
-    result = _run_dilo_tiny(_QUIET + ["--data", data, "--epochs", "3", "--workers", "2"], tmp_path)
+    result = _run_dilo_tiny(_QUIET + ["--data", data, "--epochs", "2", "--workers", "2"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stderr.count("UserWarning: skipping unreadable image") == 1
-    assert [r["epoch"] for r in read_log(tmp_path / "run" / "log.jsonl") if "checkpoint" in r] == [0, 1, 2]
+    assert [r["epoch"] for r in read_log(tmp_path / "run" / "log.jsonl") if "checkpoint" in r] == [0, 1]
 
 
 def test_unreadable_images_over_1_percent_abort_with_one_line(tmp_path):
@@ -2697,6 +2792,7 @@ def test_unreadable_images_over_1_percent_abort_with_one_line(tmp_path):
     assert len(errors) == 1 and "of 41 images under" in errors[0] and errors[0].endswith("are unreadable (over 1%)")
 
 
+@slow
 def test_unreadable_images_are_shared_between_ranks_and_no_ddp_warning(tmp_path):
     """Two ranks, 1 bad file in 101, 3 epochs: warned once in all (the flags are ORed over ranks at
     epoch ends), and DDP's construction prints no FutureWarning about broadcast_buffers."""
@@ -2816,6 +2912,164 @@ def test_bn_batch_above_the_per_process_batch_is_accepted(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "1")
     with pytest.raises(SystemExit):
         dilo.get_args(["--batch-size", "32", "--bn-batch", "7"])
+
+
+
+# --- direct checks of what every trainer copies: EMA, InfoNCE, the cosine schedule (issue 29) ---
+
+
+def test_ema_update_moves_the_key_encoder_one_minus_m_towards_the_query():
+    """p_k <- m p_k + (1 - m) p_q on parameters; the query encoder and every BN buffer untouched."""
+    torch.manual_seed(0)
+    encoder_q, encoder_k = (nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)) for _ in range(2))
+    encoder_q[1].running_mean.fill_(1.0)
+    for p in encoder_q[1].parameters():  # BN's affine parameters differ between the encoders too
+        p.data.uniform_(-1, 1)
+    q_before, k_before = copy.deepcopy(encoder_q.state_dict()), copy.deepcopy(encoder_k.state_dict())
+    common.ema_update(encoder_k, encoder_q, 0.9)
+    for name, p_k in encoder_k.named_parameters():
+        assert torch.allclose(p_k, 0.9 * k_before[name] + 0.1 * q_before[name], atol=1e-7), name
+        assert not torch.allclose(p_k, k_before[name]), name
+    for name, value in encoder_q.state_dict().items():
+        assert torch.equal(value, q_before[name]), name
+    assert torch.equal(encoder_k[1].running_mean, k_before["1.running_mean"])  # buffers: f_k's own passes
+
+
+def _plain_info_nce(q, k, queue, tau):
+    """MoCo eq. 1 row by row in fp64 Python: -log softmax of [q.k+, q.queue] / tau at the positive."""
+    losses, hits = [], []
+    for i in range(len(q)):
+        logits = [float(q[i] @ k[i])] + [float(q[i] @ key) for key in queue]
+        top = max(logits) / tau
+        losses.append(top + math.log(sum(math.exp(value / tau - top) for value in logits)) - logits[0] / tau)
+        hits.append(logits[0] > max(logits[1:]))  # a tie with a negative is a miss
+    return np.mean(losses), np.mean(hits)
+
+
+@pytest.mark.parametrize("name", TRAINERS)
+@pytest.mark.parametrize("tau", [0.2, 0.07])
+def test_every_info_nce_copy_equals_a_plain_reference(name, tau):
+    generator = torch.Generator().manual_seed(0)
+    q, k, queue = (F.normalize(torch.randn(n, 16, generator=generator), dim=1) for n in (6, 6, 10))
+    k[1] = q[1]  # a clear hit
+    q[0] = k[0] = queue[3] = torch.eye(16)[0]  # row 0: a negative ties with the positive, exactly 1 = 1
+    loss, acc = TRAINERS[name].info_nce(q, k, queue, tau)
+    expected_loss, expected_acc = _plain_info_nce(q.double(), k.double(), queue.double(), tau)
+    assert loss.dtype == torch.float32 and float(loss) == pytest.approx(expected_loss, rel=1e-5)
+    assert float(acc) == pytest.approx(expected_acc) and 0 < expected_acc < 1
+
+
+class _ConstantLoss(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(()))
+
+    def forward(self, x):
+        return self.weight * x.mean(), {"term": x.mean()}
+
+
+@pytest.mark.parametrize("name", TRAINERS)
+def test_every_train_one_epoch_follows_the_cosine_per_iteration(name, tmp_path):
+    """lr(epoch, it) = lr * 0.5 * (1 + cos(pi * (epoch + it / steps) / epochs)), set before each step."""
+    module = TRAINERS[name]
+    args = module.get_args(SMALL + ["--epochs", "3", "--output-dir", str(tmp_path)])
+    args.device, args.amp, args.lr_actual, args.steps = torch.device("cpu"), False, 0.5, 4
+    model, rows = _ConstantLoss(), []
+    groups = [{"params": [model.weight], "lr_scale": 1.0}] if name == "insloc" else [{"params": [model.weight]}]
+    optimizer = torch.optim.SGD(groups, lr=0.5)
+    loader = [(torch.full((2,), 1.0 + i),) for i in range(6)]  # more batches than --steps
+    means = module.train_one_epoch(model, loader, optimizer, 1, args, rows.append)
+    expected = [0.5 * 0.5 * (1 + math.cos(math.pi * (1 + it / 4) / 3)) for it in range(4)]
+    assert [row["iteration"] for row in rows] == [0, 1, 2, 3]
+    assert [row["lr"] for row in rows] == pytest.approx(expected, rel=1e-12)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(expected[-1], rel=1e-12)
+    assert means["term"] == pytest.approx(2.5)  # the mean of the 4 steps' terms
+
+
+def test_detect_c4_box_head_is_res5_then_extra_norm_then_pool(tmp_path):
+    """MoCo's Res5ROIHeadsExtraNorm on a training-mode batch of RoI features: BN over the batch after
+    res5, then average pooling; the extra norm's running statistics move."""
+    torch.manual_seed(0)
+    head = detect.build_model(_detect_args(tmp_path, "--model", "faster-c4"), 8).roi_heads.box_head.train()
+    reference = copy.deepcopy(head)
+    x = torch.randn(6, head.res5[0].conv1.in_channels, 14, 14)  # (R, C4, 14, 14) pooled RoIs
+    out = head(x)
+    y = reference.res5(x)  # (R, C5, 7, 7)
+    norm = reference.norm
+    expected = F.batch_norm(y, None, None, norm.weight, norm.bias, training=True, eps=norm.eps).mean(dim=(2, 3))
+    assert out.shape == (6, head.norm.num_features) and torch.allclose(out, expected, atol=1e-5)
+    assert not torch.allclose(out, y.mean(dim=(2, 3)), atol=1e-3)  # the norm is not a no-op here
+    momentum = norm.momentum
+    assert torch.allclose(head.norm.running_mean, momentum * y.mean(dim=(0, 2, 3)), atol=1e-5)
+
+
+
+# --- DUPR's patch InfoNCE in row chunks (issue 30) ---
+
+
+def _patch_inputs(N=6, SS=49, K=300, dtype=torch.float32):
+    generator = torch.Generator().manual_seed(0)
+    r_q = F.normalize(torch.randn(N, SS, 16, generator=generator), dim=2)
+    r_k = F.normalize(r_q + 0.5 * torch.randn(N, SS, 16, generator=generator), dim=2)  # positives: some hits
+    queue = F.normalize(torch.randn(K, 16, generator=generator), dim=1)
+    return r_q.to(dtype).requires_grad_(), r_k.to(dtype), queue
+
+
+@pytest.mark.parametrize("valid", [[1, 1, 1, 1, 1, 1], [1, 0, 1, 1, 0, 1]], ids=["all-overlap", "two-without"])
+@pytest.mark.parametrize("chunk", [1, 49, 64, 10_000])  # 49 and 1 divide the rows, 64 does not, 10,000 > rows
+def test_dupr_chunked_patch_info_nce_equals_one_matrix(chunk, valid):
+    r_q, r_k, queue = _patch_inputs()
+    valid = torch.tensor(valid, dtype=torch.bool)
+    loss, acc = dupr.patch_info_nce(r_q, r_k, valid, queue, 0.2, 0)
+    grad, = torch.autograd.grad(loss, r_q)
+    chunked, chunked_acc = dupr.patch_info_nce(r_q, r_k, valid, queue, 0.2, chunk)
+    chunked_grad, = torch.autograd.grad(chunked, r_q)
+    loss, chunked = loss.detach(), chunked.detach()
+    assert chunked.item() == pytest.approx(loss.item(), rel=1e-6) and chunked_acc.item() == acc.item()
+    assert 0 < float(acc) < 1
+    assert (chunked_grad - grad).abs().max() <= 1e-6 * grad.abs().max()
+    assert not chunked_grad[~valid].any()  # a pair without overlap adds nothing
+    with torch.no_grad():  # no gradient wanted: the loss alone
+        assert float(dupr.patch_info_nce(r_q, r_k, valid, queue, 0.2, chunk)[0]) == pytest.approx(float(loss), rel=1e-6)
+
+
+def test_dupr_chunked_patch_info_nce_under_bf16_autocast_stays_fp32():
+    r_q, r_k, queue = _patch_inputs(dtype=torch.bfloat16)
+    valid = torch.ones(6, dtype=torch.bool)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = dupr.patch_info_nce(r_q, r_k, valid, queue, 0.2, 0)
+        chunked, _ = dupr.patch_info_nce(r_q, r_k, valid, queue, 0.2, 64)
+    exact, _ = dupr.patch_info_nce(r_q.float(), r_k.float(), valid, queue, 0.2, 0)  # no autocast at all
+    assert loss.dtype == chunked.dtype == torch.float32
+    assert float(chunked) == pytest.approx(float(exact), rel=1e-6) and float(loss) == pytest.approx(float(exact), rel=1e-6)
+    grad, = torch.autograd.grad(loss, r_q)
+    chunked_grad, = torch.autograd.grad(chunked, r_q)
+    assert chunked_grad.dtype == torch.bfloat16 and torch.isfinite(chunked_grad).all()
+    assert (chunked_grad.float() - grad.float()).abs().max() <= 1e-2 * grad.float().abs().max()  # bf16 rounding
+
+
+def test_dupr_training_step_with_patch_chunk_64_equals_one_matrix():
+    """One SGD step of DUPR: the same loss and the same updated weights with --patch-chunk 64 and 0."""
+    dataset = dupr.TwoViewsWithBoxes(common.ToyWorld(8, 36), dupr.get_args(_DUPR_SMALL))
+    torch.manual_seed(0)
+    batch = [torch.stack(column) for column in zip(*[dataset[i] for i in range(8)])]
+    results = []
+    for chunk in ("0", "64"):
+        torch.manual_seed(0)
+        model = dupr.DUPR(dupr.get_args(_DUPR_SMALL + ["--patch-chunk", chunk]))
+        optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=0.5, momentum=0.9)
+        loss, terms = model(*batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        results.append((loss.detach(), terms, model.state_dict()))
+    (loss, terms, state), (chunked_loss, chunked_terms, chunked_state) = results
+    assert terms["no_overlap"] < 1 and torch.allclose(loss, chunked_loss, atol=1e-5)
+    for name in terms:
+        assert torch.allclose(terms[name], chunked_terms[name], atol=1e-5), name
+    for name, value in state.items():
+        assert torch.allclose(value.float(), chunked_state[name].float(), atol=1e-5), name
+    assert dupr.get_args([]).patch_chunk * 65537 * 4 / 2**20 == pytest.approx(256, rel=0.01)  # the default: 256 MB
 
 
 if __name__ == "__main__":
