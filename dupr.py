@@ -54,9 +54,9 @@ reversed along its width, so cell (r, c) covers the same original pixels in both
 (`intersection_in_views`, `roi_grid`; test_dupr_geometry checks it on coordinate images).
 NOTE: a level whose alpha (beta) is 0 has no image (patch) head and no queue.
 NOTE: cost. Eq. 7 makes each of the N x S*S cells a query against the whole queue: at K 65536
-and 32 images per GPU the conv4 patch logits are 6,272 x 65,537 (1.64 GB fp32 per copy), with
-conv5's 7,840 x 65,537 (2.1 GB), about 25% more FLOPs than a MoCo v2 step; the 1x1-conv patch
-heads add about 11% (docs/benchmarks.md).
+and 32 images per GPU conv4 and conv5 give 7,840 x 65,537 logits (2.1 GB fp32), about 25% more
+FLOPs than a MoCo v2 step; the 1x1-conv patch heads add about 11% (docs/benchmarks.md). The patch
+InfoNCE runs --patch-chunk rows at a time (ChunkedInfoNCE): the same loss, in bounded memory.
 NOTE: RoIAlign runs in fp32 (common.roi_align_boxes casts features and boxes; bf16 boxes would
 round by up to 0.5 px at 224) with adaptive sampling, ceil(bin side / feature cell) points a
 side. The paper does not say; adaptive is Detectron2's default (the paper fine-tunes with it)
