@@ -25,6 +25,7 @@ import pickle
 import pickletools
 import signal
 import socket
+import sys
 import time
 import warnings
 
@@ -359,7 +360,8 @@ class ImageFolderSource(torch.utils.data.Dataset):
                 return self.load(i), {"path": self.paths[i]}
             except (OSError, ValueError, SyntaxError) as error:  # what PIL raises on bad files
                 self.unreadable[i] = 1
-                warnings.warn(f"skipping unreadable image {os.path.join(self.root, self.paths[i])}: {error}")
+                print(f"warning: skipping unreadable image {os.path.join(self.root, self.paths[i])}: {error}",
+                      file=sys.stderr, flush=True)
                 check_unreadable(self)
         raise UnreadableImages(f"error: no readable image under {self.root}")
 
@@ -372,16 +374,24 @@ class UnreadableImages(Exception):
         super().__init__(line[line.find("error: "):])
 
 
+def unreadable_limit(n):
+    """The 1% rule stops a run on a broken dataset. A small folder may keep a few bad files, skipped with a
+    warning: up to 10, and fewer than half of it (11 images with one empty file train)."""
+    return max(0.01 * n, min(10, (n - 1) // 2))
+
+
 def check_unreadable(source, device=None):
-    """The 1% rule; with a device (epoch ends) first OR the flags over ranks, which see different files."""
+    """The unreadable-file rule (unreadable_limit); with a device (epoch ends) first OR the flags over ranks,
+    which see different files."""
     if not isinstance(source, ImageFolderSource):
         return
     if device is not None and world_size() > 1:
         flags = source.unreadable.to(device)  # NCCL reduces CUDA tensors only
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         source.unreadable.copy_(flags.cpu())
-    if (count := int(source.unreadable.sum())) > 0.01 * len(source):
-        raise UnreadableImages(f"error: {count} of {len(source)} images under {source.root} are unreadable (over 1%)")
+    if (count := int(source.unreadable.sum())) > unreadable_limit(len(source)):
+        raise UnreadableImages(f"error: {count} of {len(source)} images under {source.root} are unreadable (over 1%, "
+                               f"and over the {int(min(10, (len(source) - 1) // 2))} a small folder may skip)")
 
 
 TOY_CATEGORIES = ("circle", "square", "triangle", "star", "ring", "cross", "ellipse", "diamond")
@@ -651,11 +661,15 @@ def checkpoint_path(args):
     return os.path.join(args.output_dir, "checkpoint.pth") if args.resume in ("auto", "none") else args.resume
 
 
+def article(word):
+    return ("an " if word[0] in "aeiou" else "a ") + word
+
+
 def read_checkpoint(path, method):
     """torch.load(weights_only=True) of a `method` checkpoint, or one line saying what the file is not."""
     if not os.path.isfile(path) or os.path.getsize(path) == 0:
         what = "a directory" if os.path.isdir(path) else "empty (0 bytes)" if os.path.isfile(path) else None
-        raise SystemExit(f"error: {path}: " + (f"{what}, not a {method} checkpoint" if what else "no such file"))
+        raise SystemExit(f"error: {path}: " + (f"{what}, not {article(method)} checkpoint" if what else "no such file"))
     try:
         with warnings.catch_warnings(action="ignore"):  # torch's notice on the pickle protocol of foreign files
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
@@ -670,10 +684,10 @@ def read_checkpoint(path, method):
     except (RuntimeError, EOFError, KeyError, ValueError, OSError):  # a cut zip, text, another format
         raise SystemExit(f"error: {path}: truncated or not a torch file") from None
     if not (isinstance(checkpoint, dict) and checkpoint.get("method") == method and "args" in checkpoint):
-        held = (f"a {checkpoint['method']} checkpoint" if isinstance(checkpoint, dict) and "method" in checkpoint
+        held = (f"{article(checkpoint['method'])} checkpoint" if isinstance(checkpoint, dict) and "method" in checkpoint
                 else f"a state_dict of {len(checkpoint)} entries, like backbone.pth" if isinstance(checkpoint, dict)
                 else "a bare tensor" if torch.is_tensor(checkpoint) else f"a {type(checkpoint).__name__}")
-        raise SystemExit(f"error: {path}: not a {method} checkpoint (it holds {held}); "
+        raise SystemExit(f"error: {path}: not {article(method)} checkpoint (it holds {held}); "
                          "use another --output-dir, or --resume none to start over")
     return checkpoint
 
@@ -761,6 +775,15 @@ def stop_interrupted(epoch, args):
 # ---------------------------------------------------------------------------------------
 # Plumbing of every trainer: flag checks, loss.png
 # ---------------------------------------------------------------------------------------
+
+
+def batchnorm_groups(args):
+    """The start line's account of BatchNorm: which images each BN layer's statistics pool, on both encoders."""
+    local = args.batch_size // world_size()
+    if args.bn_batch < local:
+        return f"BatchNorm: ghost groups of {args.bn_batch} of the {local} images per process (--bn-batch)"
+    more = f" (--bn-batch {args.bn_batch} is more: one group of {local})" if args.bn_batch > local else ""
+    return f"BatchNorm: over the {local} images per process{more}"
 
 
 def check_args(parser, args):

@@ -78,9 +78,9 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageDraw
 
 from common import (IMAGENET_MEAN, IMAGENET_STD, MomentumQueue, ResNetTrunk, UnreadableImages, agreed_checkpoint,
-                    bench_loader, check_args, check_unreadable, convert_to_ghost_batchnorm, draw_colour, ema_update,
-                    open_source, photometric, plot_log, raise_interrupt, resume_epoch, shuffled_key_forward,
-                    stop_interrupted, world_size)
+                    batchnorm_groups, bench_loader, check_args, check_unreadable, convert_to_ghost_batchnorm,
+                    draw_colour, ema_update, open_source, photometric, plot_log, raise_interrupt, resume_epoch,
+                    shuffled_key_forward, stop_interrupted, world_size)
 
 # ---------------------------------------------------------------------------------------
 # Arguments
@@ -507,6 +507,7 @@ def main(args):
               f"lr {args.lr_actual:.4f} (= {args.lr} x {args.batch_size}/256), {len(dataset)} images, "
               f"backbone {count(model.encoder_q.backbone) / 1e6:.2f}M params; jigsaw crop/cell/patch "
               f"{'/'.join(map(str, local_sizes(args.image_size)))} px")
+        print(batchnorm_groups(args), flush=True)
         for kind, heads in (("global", model.encoder_q.global_heads), ("local", model.encoder_q.local_heads)):
             print(f"{kind} heads {sum(map(count, heads)) / 1e6:.2f}M params: "
                   + ", ".join(f"{level} {count(head):,}" for level, head in zip(LEVELS, heads)))

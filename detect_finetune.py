@@ -71,6 +71,8 @@ import os
 import pathlib
 import random
 import re
+import signal
+import sys
 import time
 import warnings
 import xml.etree.ElementTree as ElementTree
@@ -327,7 +329,7 @@ def open_dataset(args, train):
 
 
 class DetectionTransform:
-    """PIL image -> float tensor in [0, 1]; in training also a horizontal flip with p 0.5.
+    """PIL image -> float tensor in [0, 1]; in training also the horizontal flip (p 0.5) that the sampler drew.
     Resizing (random short side) and normalisation happen in the model's GeneralizedRCNNTransform."""
 
     def __init__(self, dataset, train):
@@ -336,10 +338,11 @@ class DetectionTransform:
     def __len__(self):
         return len(self.dataset)
 
-    def __getitem__(self, index):
+    def __getitem__(self, item):
+        index, flip = item if self.train else (item, False)  # training items are (index, flip) from the sampler
         image, target = self.dataset[index]
         image = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)  # (3, H, W)
-        if self.train and float(torch.rand(())) < 0.5:
+        if flip:
             image = image.flip(-1)
             boxes = target["boxes"].clone()
             boxes[:, [0, 2]] = image.shape[-1] - target["boxes"][:, [2, 0]]
@@ -350,9 +353,9 @@ class DetectionTransform:
 
 
 class GroupedInfiniteSampler(torch.utils.data.Sampler):
-    """Endless per-rank batches: permutation p of epoch e is seeded by (seed, e) and split over ranks;
-    landscape and portrait images fill separate batches (aspect-ratio grouping, less padding).
-    `start` batches are skipped, so a resumed run sees the data an uninterrupted one would."""
+    """Endless per-rank batches of (index, flip): permutation p of epoch e and every image's flip are seeded by
+    (seed, e) and split over ranks; landscape and portrait images fill separate batches (aspect-ratio grouping,
+    less padding). `start` batches are skipped, so a resumed run sees the data and flips an uninterrupted one would."""
 
     def __init__(self, groups, batch_size, rank, world_size, seed, start=0):
         self.groups, self.batch_size, self.rank, self.world_size = groups, batch_size, rank, world_size
@@ -361,10 +364,12 @@ class GroupedInfiniteSampler(torch.utils.data.Sampler):
     def __iter__(self):
         buckets, produced, epoch = {}, 0, 0
         while True:
-            order = torch.randperm(len(self.groups), generator=torch.Generator().manual_seed(self.seed + epoch))
+            generator = torch.Generator().manual_seed(self.seed + epoch)
+            order = torch.randperm(len(self.groups), generator=generator)
+            flips = (torch.rand(len(self.groups), generator=generator) < 0.5).tolist()  # per image and epoch
             for index in order[self.rank::self.world_size].tolist():
                 bucket = buckets.setdefault(self.groups[index], [])
-                bucket.append(index)
+                bucket.append((index, flips[index]))
                 if len(bucket) == self.batch_size:
                     if produced >= self.start:
                         yield list(bucket)
@@ -1083,6 +1088,7 @@ def evaluate(model, dataset, args):
         metrics = {"bbox": percent(coco_evaluate(gt, [{k: v for k, v in d.items() if k != "segmentation"} for d in detections])["stats"])}
         if args.model.startswith("mask"):  # segm on mask areas: drop the boxes, as detectron2 does
             metrics["segm"] = percent(coco_evaluate(gt, [{k: v for k, v in d.items() if k != "bbox"} for d in detections], "segm")["stats"])
+    metrics["unit"] = "percent"  # AP and AR as detectron2 prints them: 0-100; -1 = undefined (no such objects)
     metrics["eval_seconds"], metrics["test_images"] = time.time() - start, len(truths)
     with open(os.path.join(args.output_dir, "detections.json"), "w") as f:
         json.dump(detections, f)
@@ -1136,12 +1142,17 @@ def learning_rate(iteration, args):
     return args.lr_actual * factor
 
 
-def train(model, ddp_model, batches, optimizer, start, args, log):
+def train(model, ddp_model, batches, optimizer, start, args, log, interrupt):
     model.train()
     begin = time.time()
     end = begin
     for iteration in range(start, args.iters):
-        images, targets = next(batches)
+        try:
+            images, targets = next(batches)
+        except (RuntimeError, OSError):  # a loader worker was killed (SIGKILL, or a signal before the handler)
+            if not interrupt.requested:
+                raise
+            stop_training(model, optimizer, iteration, iteration + 1, args)
         data_time = time.time() - end
         lr = learning_rate(iteration, args)
         for group in optimizer.param_groups:
@@ -1165,6 +1176,15 @@ def train(model, ddp_model, batches, optimizer, start, args, log):
             log({"iteration": iteration, "iters": args.iters, "lr": lr, "loss": loss.item(), **{k: v.item() for k, v in losses.items()},
                  "img_per_s": args.batch_size / step_time, "it_per_s": done / (end - begin), "data_time": data_time,
                  "step_time": step_time, "eta_s": (end - begin) / done * (args.iters - iteration - 1)})
+        if interrupt.agreed(args) and iteration + 1 < args.iters:  # a signal during this iteration: keep it, stop
+            stop_training(model, optimizer, iteration + 1, iteration + 1, args)
+
+
+def stop_training(model, optimizer, done, at, args):
+    """After a signal: save the `done` iterations, then one line (iterations count from 1, as progress lines)."""
+    save_checkpoint(model, optimizer, done, args)
+    raise SystemExit(f"interrupted at iteration {at}; checkpoint has {done} iterations; rerun the same command to "
+                     "resume" if args.is_main else 1)
 
 
 @torch.no_grad()
@@ -1203,6 +1223,48 @@ def precise_bn(model, batches, args):
 # ---------------------------------------------------------------------------------------
 
 
+class Interrupt:
+    """SIGINT / SIGTERM (Ctrl-C; a scheduler, torchrun). While training, the first signal lets the iteration in
+    progress finish; train() then saves it and stops with one line. A second signal, or one at any other
+    time, exits at once with one line (the last checkpoint stays)."""
+
+    def __init__(self):
+        self.requested, self.training, self.pid = False, False, os.getpid()
+        for name in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(name, self)
+
+    def __call__(self, signum, frame):
+        if os.getpid() != self.pid:  # a loader worker (forked with this handler): it keeps serving the batch the
+            return  # main process is receiving (a cut handshake prints a traceback); the loader ends it after
+        # Loader workers that got the same signal may die first: torch's SIGCHLD check would raise then.
+        signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+        if self.training and not self.requested:
+            self.requested = True
+            return
+        print(f"interrupted ({signal.Signals(signum).name}); exiting now; the last checkpoint in the output "
+              "directory is kept; rerun the same command to resume", file=sys.stderr, flush=True)
+        os._exit(1)
+
+    def agreed(self, args):
+        """Whether any rank was signalled (all ranks stop at the same iteration; one scalar all_reduce)."""
+        if args.world_size == 1:
+            return self.requested
+        flag = torch.tensor([float(self.requested)], device=args.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def rng_states(args):
+    """Every rank's torch random state (RPN/RoI sampling, the random short side), for an exact resume."""
+    state = {"cpu": torch.get_rng_state()}
+    if args.device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(args.device)
+    states = [state] * args.world_size
+    if args.world_size > 1:
+        dist.all_gather_object(states, {k: v.cpu() for k, v in state.items()})
+    return states
+
+
 def setup_distributed(args):
     args.world_size, args.rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     if torch.cuda.is_available():
@@ -1236,7 +1298,7 @@ def load_checkpoint(model, optimizer, args):
     """The iteration to start from: 0, or that of the checkpoint all ranks agree on (common.py)."""
     checkpoint = agreed_checkpoint("detect", args)
     if checkpoint is None:
-        return 0
+        return 0, None
     path, saved = checkpoint_path(args), checkpoint["args"]
     if (saved.get("model"), saved.get("arch")) != (args.model, args.arch):
         stop(f"error: {path} is a detect {saved.get('model')} {saved.get('arch')} checkpoint, not {args.model} {args.arch}; "
@@ -1245,20 +1307,22 @@ def load_checkpoint(model, optimizer, args):
     optimizer.load_state_dict(checkpoint["optimizer"])
     if args.is_main:  # progress lines count iterations done: the next one shown is iteration + 1
         print(f"resumed from {path}: {checkpoint['iteration']} of {args.iters} iterations done")
-    return checkpoint["iteration"]
+    states = checkpoint.get("rng")
+    return checkpoint["iteration"], states[args.rank] if states and len(states) == args.world_size else None
 
 
 def save_checkpoint(model, optimizer, iteration, args):
     """checkpoint.pth on the main process, atomically: the only file a run keeps (rerun = resume).
     The final one (iteration == --iters, after PreciseBN) is the trained model: it drops the optimizer's
     momentum buffers (as large as the model; nothing is left to train), keeping its lr groups."""
+    states = rng_states(args) if iteration < args.iters else None  # every rank takes part in the gather
     if not args.is_main:
         return
     optimizer_state = optimizer.state_dict()
     if iteration >= args.iters:
         optimizer_state["state"] = {}  # NOTE: a run extended with a larger --iters restarts momentum from zero
     state = {"method": "detect", "iteration": iteration, "model": model.state_dict(), "optimizer": optimizer_state,
-             "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, type(None)))}}
+             "rng": states, "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, type(None)))}}
     path = os.path.join(args.output_dir, "checkpoint.pth")
     torch.save(state, path + ".tmp")
     os.replace(path + ".tmp", path)
@@ -1282,27 +1346,35 @@ def main(args):
     if args.world_size > 1 and args.device.type == "cuda":  # NOTE: SyncBN needs CUDA; on CPU (gloo) BN stays per process
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     optimizer = torch.optim.SGD(parameter_groups(model, args.wd), lr=args.lr_actual, momentum=0.9)
-    start = load_checkpoint(model, optimizer, args)
+    start, rng = load_checkpoint(model, optimizer, args)
     if args.is_main:
         count = lambda module: sum(p.numel() for p in module.parameters()) / 1e6
         print(f"world size {args.world_size}, device {args.device}, {args.model} {args.arch}, global batch {args.batch_size}, "
               f"lr {args.lr_actual:.4f} (= {args.lr} x {args.batch_size}/16), {len(train_set)} train / "
               f"{min(len(test_set), args.test_images or len(test_set))} test images, backbone {count(model.backbone):.2f}M, "
               f"rpn {count(model.rpn):.2f}M, roi heads {count(model.roi_heads):.2f}M params\n"
-              f"schedule: {args.iters} iterations, lr x0.1 at {args.lr_steps}, warmup {args.warmup} iterations "
+              f"schedule: {args.iters} iterations, lr x0.1 at {[s for s in args.lr_steps if s < args.iters] or 'none'}, "
+              f"warmup {min(args.warmup, args.iters)} iterations "
               f"({args.dataset} default {SCHEDULES[args.dataset]['warmup']}, scaled with --iters), "
               f"precise BN {args.precise_bn_iters} batches")
     ddp_model = model
     if args.world_size > 1:
         ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[args.device] if args.device.type == "cuda" else None)
+    interrupt = Interrupt()
     if not args.eval_only and start < args.iters:
-        torch.manual_seed(args.seed + start + 1000 * args.rank)  # NOTE: a resumed run reseeds: same data order, new flips
+        torch.manual_seed(args.seed + 1000 * args.rank)
         sampler = GroupedInfiniteSampler(train_set.aspect_groups(), args.batch_size // args.world_size, args.rank,
                                          args.world_size, args.seed, start)
         loader = torch.utils.data.DataLoader(DetectionTransform(train_set, True), batch_sampler=sampler, num_workers=args.workers,
                                              collate_fn=collate, pin_memory=args.device.type == "cuda")
         batches = iter(loader)  # endless: PreciseBN continues with the batches after training's
-        train(model, ddp_model, batches, optimizer, start, args, make_logger(args))
+        if rng is not None:  # NOTE: the data order and flips come from the sampler; the rest of the randomness
+            torch.set_rng_state(rng["cpu"])  # (RoI sampling, short sides) continues where the checkpoint left it,
+            if "cuda" in rng and args.device.type == "cuda":  # so a resumed run trains the same weights
+                torch.cuda.set_rng_state(rng["cuda"], args.device)
+        interrupt.training = True
+        train(model, ddp_model, batches, optimizer, start, args, make_logger(args), interrupt)
+        interrupt.training = False
         precise_bn(model, batches, args)
         save_checkpoint(model, optimizer, args.iters, args)
     metrics = evaluate(model, test_set, args)
@@ -1312,7 +1384,8 @@ def main(args):
                         if os.path.isfile(args.pretrained) else None)
         with open(os.path.join(args.output_dir, "metrics.json"), "w") as f:
             json.dump({**metrics, "protocol": protocol}, f, indent=1)
-        print("metrics " + json.dumps({k: v for k, v in metrics.items() if k in ("bbox", "segm")}))
+        print("metrics, percent (-1: no such objects): " + json.dumps({k: {name: round(value, 2) for name, value in v.items()}
+                                                                      for k, v in metrics.items() if k in ("bbox", "segm")}))
     if args.world_size > 1:
         dist.destroy_process_group()
     return metrics

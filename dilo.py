@@ -49,10 +49,10 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageDraw, ImageFilter
 
 from common import (IMAGENET_MEAN, IMAGENET_STD, ImageFolderSource, MomentumQueue, ResNetTrunk, ToyWorld,
-                    UnreadableImages, agreed_checkpoint, bench_loader, check_args, check_unreadable,
-                    convert_to_ghost_batchnorm, draw_colour, ema_update, load_backbone, open_source, photometric,
-                    plot_log, raise_interrupt, resume_epoch, shuffled_key_forward, stop_interrupted, to_rgb,
-                    world_size)
+                    UnreadableImages, agreed_checkpoint, batchnorm_groups, bench_loader, check_args,
+                    check_unreadable, convert_to_ghost_batchnorm, draw_colour, ema_update, load_backbone,
+                    open_source, photometric, plot_log, raise_interrupt, resume_epoch, shuffled_key_forward,
+                    stop_interrupted, to_rgb, world_size)
 
 # ---------------------------------------------------------------------------------------
 # Arguments
@@ -752,6 +752,7 @@ def main(args):
         print(f"world size {args.world_size}, device {args.device}, global batch {args.batch_size}, "
               f"lr {args.lr_actual:.4f} (= {args.lr} x {args.batch_size}/256), {len(dataset)} images, "
               f"backbone {count(model.encoder_q.backbone) / 1e6:.2f}M, head {count(model.encoder_q.head) / 1e6:.2f}M params")
+        print(batchnorm_groups(args), flush=True)
     ddp_model = model
     if args.world_size > 1:  # the queues are identical on every rank already: DDP must not broadcast buffers
         # before each forward. torch >= 2.13 calls that forward_sync_buffers and warns on broadcast_buffers.

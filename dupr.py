@@ -85,9 +85,10 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageDraw
 
 from common import (HeldOut, IMAGENET_MEAN, IMAGENET_STD, MomentumQueue, ResNetTrunk, UnreadableImages,
-                    agreed_checkpoint, bench_loader, check_args, check_unreadable, convert_to_ghost_batchnorm,
-                    draw_colour, ema_update, load_backbone, open_source, photometric, plot_log, raise_interrupt,
-                    resume_epoch, roi_align_boxes, shuffled_key_forward, stop_interrupted, world_size)
+                    agreed_checkpoint, batchnorm_groups, bench_loader, check_args, check_unreadable,
+                    convert_to_ghost_batchnorm, draw_colour, ema_update, load_backbone, open_source, photometric,
+                    plot_log, raise_interrupt, resume_epoch, roi_align_boxes, shuffled_key_forward, stop_interrupted,
+                    world_size)
 
 # ---------------------------------------------------------------------------------------
 # Arguments
@@ -766,9 +767,10 @@ def main(args):  # Same as in dilo.py (method names only)
         count = lambda module: sum(p.numel() for p in module.parameters())
         print(f"world size {args.world_size}, device {args.device}, global batch {args.batch_size}, "
               f"lr {args.lr_actual:.4f} (= {args.lr} x {args.batch_size}/256), {len(dataset)} images, "
-              f"backbone {count(model.encoder_q.backbone) / 1e6:.2f}M, heads " + ", ".join(
+              f"backbone {count(model.encoder_q.backbone) / 1e6:.2f}M params\nheads " + ", ".join(
                   f"{kind} {m} {count(head) / 1e6:.2f}M" for kind, heads in (("image", model.encoder_q.image_heads),
                   ("patch", model.encoder_q.patch_heads)) for m, head in heads.items()) + " params")
+        print(batchnorm_groups(args), flush=True)
     ddp_model = model
     if args.world_size > 1:  # the queues are identical on every rank already: DDP must not broadcast buffers
         # before each forward. torch >= 2.13 calls that forward_sync_buffers and warns on broadcast_buffers.

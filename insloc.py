@@ -75,9 +75,10 @@ from PIL import Image, ImageDraw
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
 
 from common import (HeldOut, IMAGENET_MEAN, IMAGENET_STD, MomentumQueue, ResNetTrunk, UnreadableImages,
-                    agreed_checkpoint, bench_loader, check_args, check_unreadable, convert_to_ghost_batchnorm,
-                    draw_colour, ema_update, load_backbone, open_source, photometric, plot_log, raise_interrupt,
-                    resume_epoch, roi_align_boxes, shuffled_key_forward, stop_interrupted, world_size)
+                    agreed_checkpoint, batchnorm_groups, bench_loader, check_args, check_unreadable,
+                    convert_to_ghost_batchnorm, draw_colour, ema_update, load_backbone, open_source, photometric,
+                    plot_log, raise_interrupt, resume_epoch, roi_align_boxes, shuffled_key_forward, stop_interrupted,
+                    world_size)
 
 # ---------------------------------------------------------------------------------------
 # Arguments
@@ -724,6 +725,7 @@ def main(args):
               f"lr {args.lr_actual:.4f} (= {args.lr} x {args.batch_size}/256; heads x {args.head_lr_scale:g}), {len(dataset)} images, "
               f"backbone {count(model.encoder_q.backbone) / 1e6:.2f}M, "
               f"heads {(count(model.encoder_q) - count(model.encoder_q.backbone)) / 1e6:.2f}M params")
+        print(batchnorm_groups(args), flush=True)
     ddp_model = model
     if args.world_size > 1:  # the queues are identical on every rank already: DDP must not broadcast buffers
         # before each forward. torch >= 2.13 calls that forward_sync_buffers and warns on broadcast_buffers.
