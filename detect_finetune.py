@@ -215,11 +215,23 @@ class VOCDetection(torch.utils.data.Dataset):
 
     def __init__(self, root, split, train):
         self.items, self.train = [], train
+        layout = "VOCdevkit/VOC2007/{Annotations,JPEGImages,ImageSets/Main} (and VOC2012 for 07+12)"
         for part in split.split("+"):
+            if not re.fullmatch(r"\d{4}-\w+", part):
+                raise SystemExit(f"error: split {split!r}: expected YEAR-SET parts joined by '+', e.g. 2007-trainval+2012-trainval")
             year, name = part.split("-")
             folder = os.path.join(root, f"VOC{year}")
-            with open(os.path.join(folder, "ImageSets", "Main", f"{name}.txt")) as f:
-                self.items += [(folder, line.strip()) for line in f if line.strip()]
+            listing = os.path.join(folder, "ImageSets", "Main", f"{name}.txt")
+            if not os.path.isfile(listing):
+                raise SystemExit(f"error: --data-root {root} has no VOC{year}/ImageSets/Main/{name}.txt; expected {layout}")
+            with open(listing) as f:
+                names = [line.strip() for line in f if line.strip()]
+            for kind, extension in (("JPEGImages", "jpg"), ("Annotations", "xml")):  # before training, not hours in
+                missing = [n for n in names if not os.path.isfile(os.path.join(folder, kind, f"{n}.{extension}"))]
+                if missing:
+                    raise SystemExit(f"error: {len(missing)} of the {len(names)} names in {listing} have no "
+                                     f"VOC{year}/{kind}/NAME.{extension} (e.g. {missing[0]}.{extension}); expected {layout}")
+            self.items += [(folder, n) for n in names]
         self.num_classes = len(VOC_CLASSES)
 
     def __len__(self):
@@ -258,11 +270,22 @@ class COCODetection(torch.utils.data.Dataset):
     def __init__(self, root, split, train):
         path = os.path.join(root, "annotations", f"instances_{split}.json")
         path = path if os.path.exists(path) else os.path.join(root, f"instances_{split}.json")
+        layout = "coco/annotations/instances_<split>.json (or coco/instances_<split>.json) and images in coco/<split>/"
         if not os.path.exists(path):
-            raise SystemExit(f"error: no {path} (nor annotations/instances_{split}.json)")
-        with open(path) as f:
-            self.coco = json.load(f)
+            raise SystemExit(f"error: --data-root {root} has no annotations/instances_{split}.json (nor "
+                             f"instances_{split}.json); expected {layout}")
+        try:
+            with open(path) as f:
+                self.coco = json.load(f)
+            assert all(isinstance(self.coco.get(key), list) for key in ("images", "annotations", "categories"))
+        except (ValueError, UnicodeDecodeError, AssertionError, AttributeError):
+            raise SystemExit(f"error: {path} is not a COCO annotation file (a JSON object with 'images', "
+                             "'annotations' and 'categories' lists)") from None
         self.folder, self.train = os.path.join(root, split), train
+        missing = [i["file_name"] for i in self.coco["images"] if not os.path.isfile(os.path.join(self.folder, i["file_name"]))]
+        if missing:  # before training, not hours in
+            raise SystemExit(f"error: {len(missing)} of the {len(self.coco['images'])} images that {path} names are not "
+                             f"in {self.folder} (e.g. {missing[0]}); expected {layout}")
         self.category_ids = sorted(c["id"] for c in self.coco["categories"])
         self.label = {c: n + 1 for n, c in enumerate(self.category_ids)}
         self.num_classes = len(self.category_ids)
@@ -1287,9 +1310,11 @@ def make_logger(args):
             return
         with open(os.path.join(args.output_dir, "log.jsonl"), "a") as f:
             f.write(json.dumps(record) + "\n")
-        terms = " ".join(f"{k} {v:.4f}" for k, v in record.items() if k.startswith("loss"))
-        print(f"iter {record['iteration'] + 1}/{record['iters']} eta {record['eta_s'] / 60:.1f} min lr {record['lr']:.5f} {terms} "
-              f"{record['it_per_s']:.2f} it/s {record['img_per_s']:.1f} img/s "
+        short = {"loss_classifier": "cls", "loss_box_reg": "box", "loss_mask": "mask", "loss_objectness": "obj",
+                 "loss_rpn_box_reg": "rpn"}  # log.jsonl has the full names
+        terms = " ".join(f"{short.get(name, name)} {record[name]:.3f}" for name in record if name.startswith("loss_"))
+        print(f"iter {record['iteration'] + 1}/{record['iters']} eta {record['eta_s'] / 60:.1f} min lr {record['lr']:.5f} "
+              f"loss {record['loss']:.4f} ({terms}) {record['img_per_s']:.1f} img/s "
               f"data {100 * record['data_time'] / record['step_time']:.0f}%", flush=True)
     return log
 
@@ -1349,13 +1374,13 @@ def main(args):
     start, rng = load_checkpoint(model, optimizer, args)
     if args.is_main:
         count = lambda module: sum(p.numel() for p in module.parameters()) / 1e6
+        steps = [step for step in args.lr_steps if step < args.iters]  # the drops this run reaches
         print(f"world size {args.world_size}, device {args.device}, {args.model} {args.arch}, global batch {args.batch_size}, "
-              f"lr {args.lr_actual:.4f} (= {args.lr} x {args.batch_size}/16), {len(train_set)} train / "
+              f"lr {args.lr_actual:.4f} (= {args.lr} x {args.batch_size}/16)\n{len(train_set)} train / "
               f"{min(len(test_set), args.test_images or len(test_set))} test images, backbone {count(model.backbone):.2f}M, "
               f"rpn {count(model.rpn):.2f}M, roi heads {count(model.roi_heads):.2f}M params\n"
-              f"schedule: {args.iters} iterations, lr x0.1 at {[s for s in args.lr_steps if s < args.iters] or 'none'}, "
-              f"warmup {min(args.warmup, args.iters)} iterations "
-              f"({args.dataset} default {SCHEDULES[args.dataset]['warmup']}, scaled with --iters), "
+              f"schedule: {args.iters} iterations, " + (f"lr x0.1 at {steps}" if steps else "no lr step") +
+              f", warmup {min(args.warmup, args.iters)} (from {args.dataset}'s {SCHEDULES[args.dataset]['warmup']}), "
               f"precise BN {args.precise_bn_iters} batches")
     ddp_model = model
     if args.world_size > 1:
@@ -1384,8 +1409,10 @@ def main(args):
                         if os.path.isfile(args.pretrained) else None)
         with open(os.path.join(args.output_dir, "metrics.json"), "w") as f:
             json.dump({**metrics, "protocol": protocol}, f, indent=1)
-        print("metrics, percent (-1: no such objects): " + json.dumps({k: {name: round(value, 2) for name, value in v.items()}
-                                                                      for k, v in metrics.items() if k in ("bbox", "segm")}))
+        print("metrics in percent (-1: no such objects; all in metrics.json):")
+        for kind in ("bbox", "segm") if "segm" in metrics else ("bbox",):
+            print(f"  {kind}: " + " ".join(f"{name} {value:.1f}" if value >= 0 else f"{name} -1"
+                                           for name, value in metrics[kind].items()), flush=True)
     if args.world_size > 1:
         dist.destroy_process_group()
     return metrics

@@ -1483,11 +1483,14 @@ def test_detect_coco_json_end_to_end_matches_pycocotools(tmp_path, capsys):
              "--model", "mask-fpn", "--workers", "0", "--max-detections", "5", "--save-freq", "1", "--output-dir", str(out)]
     detect.main(detect.get_args(flags + ["--iters", "1", "--test-images", "1"]))
     detect.main(detect.get_args(flags + ["--iters", "2"]))  # rerun with more iterations = resume
-    assert "resumed from" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "resumed from" in printed and "schedule: 2 iterations, no lr step, warmup 0" in printed  # what runs
+    assert "metrics in percent (-1: no such objects" in printed and "  segm: AP " in printed
     assert [json.loads(line)["iteration"] for line in open(out / "log.jsonl")] == [0, 1]  # only the missing one ran
     assert torch.load(out / "checkpoint.pth", weights_only=True)["iteration"] == 2
     metrics = json.load(open(out / "metrics.json"))
     assert metrics["protocol"]["model"] == "mask-fpn" and metrics["protocol"]["iters"] == 2 and metrics["test_images"] == 3
+    assert metrics["unit"] == "percent"
     detections = json.load(open(out / "detections.json"))
     assert detections and all(d["image_id"] in (1, 2, 3) and 1 <= d["category_id"] <= 8 for d in detections)
     gt = json.load(open(root / "instances_val.json"))
@@ -1517,6 +1520,48 @@ def test_detect_voc_dataset_reading(tmp_path):
     assert image.size == (50, 40) and dataset.aspect_groups() == [1, 0]
     assert target["boxes"].tolist() == [[0.0, 1.0, 20.0, 30.0], [4.0, 4.0, 9.0, 9.0]]  # xmin, ymin - 1 (detectron2)
     assert target["labels"].tolist() == [12, 20] and target["difficult"].tolist() == [True, False]
+
+
+def test_detect_wrong_dataset_folders_give_one_line_naming_the_layout(tmp_path):
+    """As a user meets them (one subprocess): a VOC or COCO --data-root of the wrong shape, a split that is
+    not there, an annotation file that is not COCO's, images that the lists name but the folder lacks."""
+    imagenet = tmp_path / "imagenet" / "train" / "n01440764"
+    imagenet.mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(imagenet / "a.jpg")
+    voc = tmp_path / "VOCdevkit" / "VOC2007"
+    for folder in ("Annotations", "JPEGImages", "ImageSets/Main"):
+        (voc / folder).mkdir(parents=True)
+    (voc / "ImageSets/Main/test.txt").write_text("000001\n000002\n")
+    Image.new("RGB", (8, 8)).save(voc / "JPEGImages" / "000001.jpg")  # 000002.jpg is missing
+    coco = tmp_path / "coco"
+    (coco / "annotations").mkdir(parents=True)
+    (coco / "annotations" / "instances_text.json").write_text("not json")
+    (coco / "annotations" / "instances_list.json").write_text("[1, 2]")
+    (coco / "val").mkdir()
+    (coco / "annotations" / "instances_val.json").write_text(json.dumps(
+        {"images": [{"id": 1, "file_name": "1.jpg", "width": 8, "height": 8}], "annotations": [], "categories": []}))
+    cases = [(["--dataset", "voc", "--data-root", str(tmp_path / "imagenet")],
+              f"error: --data-root {tmp_path / 'imagenet'} has no VOC2007/ImageSets/Main/trainval.txt; expected "
+              "VOCdevkit/VOC2007/{Annotations,JPEGImages,ImageSets/Main} (and VOC2012 for 07+12)"),
+             (["--dataset", "voc", "--data-root", str(tmp_path / "VOCdevkit"), "--train-split", "2007-test"],
+              f"error: 1 of the 2 names in {voc / 'ImageSets/Main/test.txt'} have no VOC2007/JPEGImages/NAME.jpg "
+              "(e.g. 000002.jpg)"),
+             (["--dataset", "voc", "--data-root", str(tmp_path / "VOCdevkit"), "--train-split", "trainval"],
+              "error: split 'trainval': expected YEAR-SET parts joined by '+', e.g. 2007-trainval+2012-trainval"),
+             (["--dataset", "coco", "--data-root", str(tmp_path / "imagenet")],
+              f"error: --data-root {tmp_path / 'imagenet'} has no annotations/instances_train2017.json (nor "
+              "instances_train2017.json); expected coco/annotations/instances_<split>.json"),
+             (["--dataset", "coco", "--data-root", str(coco), "--train-split", "text"],
+              f"error: {coco / 'annotations/instances_text.json'} is not a COCO annotation file"),
+             (["--dataset", "coco", "--data-root", str(coco), "--train-split", "list"],
+              f"error: {coco / 'annotations/instances_list.json'} is not a COCO annotation file"),
+             (["--dataset", "coco", "--data-root", str(coco), "--train-split", "val"],
+              f"error: 1 of the 1 images that {coco / 'annotations/instances_val.json'} names are not in {coco / 'val'} "
+              "(e.g. 1.jpg)")]
+    outputs = _detect_cli_errors([flags + ["--output-dir", str(tmp_path / "run")] for flags, _ in cases])
+    assert len(outputs) == len(cases)
+    for (flags, expected), lines in zip(cases, outputs):
+        assert len(lines) == 1 and lines[0].startswith(expected), (flags, lines)
 
 
 def test_detect_torchrun_two_processes_on_cpu(tmp_path):
