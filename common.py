@@ -213,9 +213,14 @@ def shuffled_key_forward(fn, inputs):
 #   the images sharing statistics are those of one GPU of the 8-GPU run (same --seed). Key: a
 #   random split, as shuffle BN's. Running statistics: every group's mean and unbiased variance
 #   get the usual momentum update and the G results are averaged. The EMA is linear, so this is
-#   exactly the average of the 8 ranks' running statistics; the 8-GPU run saves rank 0's (DDP
-#   with broadcast_buffers=False): same expectation, more noise. Not reproduced: the all-gather
-#   and its cost, per-rank randomness (augmentations, the random split). G = 1 is nn.BatchNorm.
+#   exactly the average of the 8 ranks' running statistics. MoCo's main_moco.py wraps the model in
+#   DDP with its default broadcast_buffers=True: before every forward rank 0's buffers overwrite
+#   the others', so the statistics it saves are rank 0's EMA over rank 0's batches. Our trainers
+#   under torchrun turn the broadcast off (the queues are identical on every rank already); each
+#   rank keeps its own EMA and rank 0 saves its own, the same quantity. One process saves the mean
+#   over the G groups: the same expectation, less noise. Only the saved BatchNorm statistics
+#   differ; training uses batch statistics, so losses and weights do not. Not reproduced: the
+#   all-gather and its cost, per-rank randomness (augmentations, the random split). G = 1 is nn.BatchNorm.
 
 
 def ghost_batch_norm(bn, x):
@@ -581,7 +586,12 @@ class HeldOut(torch.utils.data.Dataset):
 
 # Loaders return uint8 views and colour parameters drawn with the crops (draw_colour) from the worker random
 # stream main() reseeds from (--seed, epoch, rank) each epoch: reruns and resumes replay them; nothing is saved.
-BLUR_TAPS = 13  # PIL's GaussianBlur(radius=sigma) has std sigma; 13 taps reach 3 sigma at sigma 2.0
+# NOTE: MoCo v2 blurs with PIL's GaussianBlur(radius=sigma): three "extended box" passes whose variance is
+# sigma^2 in exact arithmetic, each rounded to uint8. Ours is a float Gaussian of 13 taps (3 sigma at
+# sigma 2.0). On a 255 impulse their spreads (the response's std) are 0.494 / 0.971 / 2.034 px (PIL) and
+# 0.464 / 1.000 / 1.988 px (ours) at sigma 0.5 / 1 / 2: within 7%, the rest is PIL's rounding
+# (test_blur_spread_matches_pil_on_an_impulse).
+BLUR_TAPS = 13
 
 
 def draw_colour(n, generator=None):

@@ -2434,6 +2434,23 @@ def test_photometric_follows_each_samples_order_and_flags():
     assert (_unnormalise(common.photometric(images, swapped)) - reference).abs().max() > 10 / 255
 
 
+def test_blur_spread_matches_pil_on_an_impulse():
+    """MoCo v2's blur is PIL's GaussianBlur(radius=sigma); ours, a 13-tap float Gaussian, spreads a 255 impulse
+    within 7% as wide (common.BLUR_TAPS NOTE), and a kernel of the wrong sigma would not."""
+    from PIL import ImageFilter
+    spread = lambda r: float(np.sqrt((r.sum(0) / r.sum() * (np.arange(41) - 20) ** 2).sum()))
+    for sigma, pil_spread, our_spread in ((0.5, 0.494, 0.464), (1.0, 0.971, 1.0), (2.0, 2.034, 1.988)):
+        impulse = np.zeros((41, 41), np.uint8)
+        impulse[20, 20] = 255
+        pil = np.asarray(Image.fromarray(impulse).convert("RGB").filter(ImageFilter.GaussianBlur(radius=sigma)))
+        x = torch.zeros(1, 3, 41, 41)
+        x[..., 20, 20] = 255
+        ours = common.gaussian_blur(x, torch.tensor([sigma]))[0, 0].numpy()
+        assert spread(pil[..., 0].astype(float)) == pytest.approx(pil_spread, abs=0.01)  # Pillow's rounding
+        assert spread(ours) == pytest.approx(our_spread, abs=0.002)
+        assert 0.93 < spread(ours) / spread(pil[..., 0].astype(float)) < 1.07
+
+
 def test_colour_draws_probabilities_and_ranges():
     """Over 10,000 draws: jitter p 0.8, grayscale 0.2, blur 0.5 within 3 sigma; all 24 orders; MoCo v2's ranges."""
     colour = common.draw_colour(10_000, torch.Generator().manual_seed(0))
