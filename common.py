@@ -560,6 +560,24 @@ class CocoSource(torch.utils.data.Dataset):
         return image, {"boxes": torchvision.ops.box_convert(objects[:, :4], "xywh", "xyxy"), "labels": objects[:, 4].long()}
 
 
+class Progress:
+    """The analysis tools' progress: `progress(done)` prints what, items done of total, elapsed and ETA, at
+    most every `every` seconds and at the end."""
+
+    def __init__(self, what, total, every=20.0):
+        self.what, self.total, self.every, self.start = what, total, every, time.time()
+        self.shown = self.start
+
+    def __call__(self, done):
+        now = time.time()
+        if now - self.shown >= self.every or done == self.total:
+            hms = lambda s: f"{int(s) // 3600}:{int(s) // 60 % 60:02d}:{int(s) % 60:02d}"
+            elapsed = now - self.start
+            print(f"{self.what}: {done}/{self.total} images, {hms(elapsed)} elapsed, "
+                  f"eta {hms(elapsed / max(done, 1) * (self.total - done))}", flush=True)
+            self.shown = now
+
+
 class HeldOut(torch.utils.data.Dataset):
     """The analysis tools' held-out images with boxes: the toy world's val split (generated at the
     trainers' size * 8 // 7) or a COCO-format folder (`coco` = (annotations json, image directory)),

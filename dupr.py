@@ -84,8 +84,8 @@ import torchvision.transforms as T
 import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageDraw
 
-from common import (HeldOut, IMAGENET_MEAN, IMAGENET_STD, MomentumQueue, ResNetTrunk, UnreadableImages,
-                    agreed_checkpoint, batchnorm_groups, bench_loader, check_args, check_unreadable,
+from common import (HeldOut, IMAGENET_MEAN, IMAGENET_STD, MomentumQueue, Progress, ResNetTrunk,
+                    UnreadableImages, agreed_checkpoint, batchnorm_groups, bench_loader, check_args, check_unreadable,
                     convert_to_ghost_batchnorm, draw_colour, ema_update, load_backbone, open_source, photometric,
                     plot_log, raise_interrupt, resume_epoch, roi_align_boxes, shuffled_key_forward, stop_interrupted,
                     world_size)
@@ -483,7 +483,8 @@ def iou_similarity(trunks, held_out, S, seed, device, per_box=20):
     over the S*S positions p of q_p . k_alpha,p (unit vectors). The RoIs are the same for every trunk.
     Returns IoU (R,) and Sim (trunks, R)."""
     generator, ious, sims = torch.Generator().manual_seed(seed), [], []
-    for image, target in (held_out[i] for i in range(len(held_out))):
+    progress = Progress("iou-curve: Sim of RoIs (Fig. 6)", len(held_out))
+    for done, (image, target) in enumerate((held_out[i] for i in range(len(held_out))), start=1):
         features = [trunk.forward_to_res4(NORMALISE(image)[None].to(device)) for trunk in trunks]  # conv4_x, stride 16
         for box in target["boxes"][(target["boxes"][:, 2:] - target["boxes"][:, :2]).amin(1) >= 1]:
             targets = (torch.arange(per_box) + torch.rand(per_box, generator=generator)) / per_box
@@ -493,6 +494,7 @@ def iou_similarity(trunks, held_out, S, seed, device, per_box=20):
             regions = [F.normalize(roi_align_boxes(c4, boxes, S, 16, sampling_ratio=0, batch_index=index), dim=1) for c4 in features]  # (1 + T, C, S, S)
             sims.append(torch.stack([(r[:1] * r[1:]).sum(1).mean((1, 2)) for r in regions]).cpu())  # (trunks, T)
             ious.append(iou)
+        progress(done)
     if not ious:
         raise SystemExit("error: --iou-curve: the held-out images have no ground-truth boxes")
     return torch.cat(ious), torch.cat(sims, dim=1)
@@ -523,7 +525,9 @@ def correspondence(trunks, labels, held_out, size, seed, device, path, shown=3, 
     sheet = Image.new("RGB", (2 * cell * len(trunks), 16 + cell * shown), "white")
     draw, augment = ImageDraw.Draw(sheet), MoCoV2ViewWithBox(size)
     hits, chance, total = torch.zeros(len(trunks)), 0.0, 0
+    progress = Progress("iou-curve: correspondence (Fig. 7)", len(held_out))
     for index in range(len(held_out)):
+        progress(index + 1)
         (view_1, crop_1, flip_1), (view_2, crop_2, flip_2) = [augment(held_out[index][0]) for _ in range(2)]
         x = torch.stack([NORMALISE(view_1), NORMALISE(view_2)]).to(device)
         maps = [F.normalize(trunk.forward_to_res4(x), dim=1).flatten(2).cpu() for trunk in trunks]  # (2, C, n*n)

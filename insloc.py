@@ -74,7 +74,7 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageDraw
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
 
-from common import (HeldOut, IMAGENET_MEAN, IMAGENET_STD, MomentumQueue, ResNetTrunk, UnreadableImages,
+from common import (HeldOut, IMAGENET_MEAN, IMAGENET_STD, MomentumQueue, Progress, ResNetTrunk, UnreadableImages,
                     agreed_checkpoint, batchnorm_groups, bench_loader, check_args, check_unreadable,
                     convert_to_ghost_batchnorm, draw_colour, ema_update, load_backbone, open_source, photometric,
                     plot_log, raise_interrupt, resume_epoch, roi_align_boxes, shuffled_key_forward, stop_interrupted,
@@ -527,7 +527,9 @@ def readout(args):
     held_out = HeldOut(args.analysis_images, args.image_size, args.coco)
     tasks = {"localization": 9, "classification": len(held_out.categories)}  # classes; M = 9
     features, targets, train = ({task: [] for task in tasks} for _ in range(3))
+    progress = Progress("readout: RoI features", len(held_out))
     for index in range(len(held_out)):
+        progress(index + 1)
         image, target = held_out[index]
         for task, boxes, y in (("localization", grid_boxes(image.width, image.height), torch.arange(9)),
                                ("classification", target["boxes"], target["labels"] - 1)):

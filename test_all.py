@@ -1633,10 +1633,13 @@ def test_iou_sampler_rois_have_the_iou_they_claim():
     assert torch.allclose(claimed, torchvision.ops.box_iou(full[None], rois)[0]) and claimed[0] > 0
 
 
-def test_iou_curve_identical_backbones_identical_curves_reinit_differs(tmp_path):
+def test_iou_curve_identical_backbones_identical_curves_reinit_differs(tmp_path, capsys):
     paths = _random_backbones(tmp_path)
     args = dupr.get_args(["--tiny", "--iou-curve", *paths, "--analysis-images", "4", "--output-dir", str(tmp_path / "out")])
     result = dupr.main(args)
+    printed = capsys.readouterr().out  # progress lines, at least at the end of each pass
+    assert "iou-curve: Sim of RoIs (Fig. 6): 4/4 images, 0:00:" in printed and "eta 0:00:00" in printed
+    assert "iou-curve: correspondence (Fig. 7): 4/4 images" in printed
     same, checkpoint, other = result["backbones"]
     assert sum(result["rois_per_bin"]) > 0 and min(result["rois_per_bin"]) > 0  # every IoU bin is sampled
     assert same["similarity_per_bin"] == checkpoint["similarity_per_bin"] and same["slope"] == checkpoint["slope"]
@@ -1690,10 +1693,11 @@ def test_readout_grid_labels_are_the_patch_positions():
         assert torch.equal((xy[:, 0] // 32).long(), torch.arange(9) % 3) and torch.equal((xy[:, 1] // 32).long(), torch.arange(9) // 3)
 
 
-def test_readout_identical_backbones_identical_numbers(tmp_path):
+def test_readout_identical_backbones_identical_numbers(tmp_path, capsys):
     paths = _random_backbones(tmp_path)
     args = insloc.get_args(["--tiny", "--readout", *paths, "--analysis-images", "8", "--output-dir", str(tmp_path / "out")])
     result = insloc.main(args)
+    assert "readout: RoI features: 8/8 images" in capsys.readouterr().out
     for key in ("localization", "classification", "view_retrieval"):
         assert result[key][0] == result[key][1] and all(0 <= v <= 1 for v in result[key])
     assert result["localization_chance"] == pytest.approx(1 / 9) and result["view_retrieval_chance"] == 1 / 8
