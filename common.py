@@ -35,7 +35,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -835,28 +835,59 @@ def check_args(parser, args):
             parser.error(message)
 
 
-def plot_log(log_path, png_path, width=960, height=640):
-    """loss.png from log.jsonl's progress rows: the loss terms (top, with the data statistics) and
-    accuracies (bottom, 0..1) against the step, epoch * steps + iteration + 1. PIL only."""
+PALETTE = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#9a6324", "#000075",
+           "#808000", "#469990", "#800000", "#000000")  # distinct on white, in this order
+FRACTIONS = ("pasted", "no_mask", "no_overlap", "box_iou")  # data statistics the trainers log: 0..1, not losses
+
+
+def font(size=13):
+    """Pillow's scalable default font (Pillow >= 10.1 with FreeType), else its bitmap font."""
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, AttributeError, OSError, ImportError):
+        return ImageFont.load_default()
+
+
+def plot_log(log_path, png_path, width=960, height=660):
+    """loss.png from log.jsonl's progress rows, against the step (epoch * steps + iteration + 1): the loss
+    terms (top) and the accuracies with the data fractions (bottom, 0..1). The first K / batch steps score
+    against the queue's random initial keys (accuracy near 1, a low loss): they are shaded, and the loss
+    axis spans the later steps where there are any. PIL only."""
     with open(log_path) as f:
-        rows = [row for row in map(json.loads, f) if "iteration" in row]
+        rows = [row for row in map(json.loads, f)]
+    start = next((row["args"] for row in rows if row.get("event") == "start"), {})
+    rows = [row for row in rows if "iteration" in row]
+    filling = start.get("queue_size", 0) / max(start.get("batch_size", 1), 1)  # steps until the queue holds real keys
     not_terms = ("epoch", "iteration", "steps", "lr", "img_per_s", "data_time", "step_time", "memory_mb", "eta_s", "elapsed_s")
     names = [name for name, value in (rows or [{}])[0].items() if isinstance(value, float) and name not in not_terms]
     steps = [row["epoch"] * row["steps"] + row["iteration"] + 1 for row in rows] or [0]
-    image, (left, right) = Image.new("RGB", (width, height), "white"), (70, width - 170)  # legend on the right
+    image, (left, right), text = Image.new("RGB", (width, height), "white"), (80, width - 180), font()
     draw = ImageDraw.Draw(image)
-    for p, series in enumerate(([n for n in names if not n.startswith("acc")], [n for n in names if n.startswith("acc")])):
-        top, bottom = 24 + p * height // 2, (p + 1) * height // 2 - 24
-        values = [row[n] for row in rows for n in series if math.isfinite(row.get(n, math.nan))]
+    x_of = lambda step: left + (right - left) * (step - steps[0]) / max(steps[-1] - steps[0], 1)
+    panels = ([n for n in names if not n.startswith("acc") and n not in FRACTIONS],
+              [n for n in names if n.startswith("acc") or n in FRACTIONS])
+    for p, series in enumerate(panels):
+        top, bottom = 30 + p * height // 2, (p + 1) * height // 2 - 40
+        later = [row for step, row in zip(steps, rows) if step > filling] or rows
+        values = [row[n] for row in later for n in series if math.isfinite(row.get(n, math.nan))]
         lo, hi = (0.0, 1.0) if p or not values else (min(values), max(values) + 1e-6)
-        to_xy = lambda step, v: (left + (right - left) * (step - steps[0]) / max(steps[-1] - steps[0], 1),
-                                 bottom - (bottom - top) * (v - lo) / (hi - lo))
+        y_of = lambda v: bottom - (bottom - top) * (min(max(v, lo), hi) - lo) / (hi - lo)  # clipped to the panel
+        if filling >= steps[0]:
+            draw.rectangle((left, top, min(x_of(filling), right), bottom), fill="#e8e8e8")
+            draw.text((left + 4, top + 4), "queue filling: random keys", fill="gray", font=text)
         draw.rectangle((left, top, right, bottom), outline="black")
-        draw.text((left, top - 14), f"{('loss terms', 'accuracy')[p]} from {lo:.4g} (bottom) to {hi:.4g} (top), "
-                                    f"against step {steps[0]} (left) to {steps[-1]} (right)", fill="black")
+        draw.text((left, top - 20), ("loss terms" if not p else "accuracy and data fractions (0 to 1)")
+                  + " against the training step", fill="black", font=text)
+        for k in range(5):  # ticks: values on the left
+            y = top + (bottom - top) * k / 4
+            draw.line((left - 4, y, left, y), fill="black")
+            draw.text((4, y - 7), f"{hi - (hi - lo) * k / 4:.3g}", fill="black", font=text)
+        for step in sorted({round(steps[0] + (steps[-1] - steps[0]) * k / 4) for k in range(5)}):  # steps below
+            draw.line((x_of(step), bottom, x_of(step), bottom + 4), fill="black")
+            draw.text((x_of(step) - 10, bottom + 6), str(step), fill="black", font=text)
         for i, name in enumerate(series):
-            points = [to_xy(step, row[name]) for step, row in zip(steps, rows) if math.isfinite(row.get(name, math.nan))]
-            colour = f"hsl({int(137.5 * i) % 360}, 90%, 40%)"  # the golden angle: neighbours differ most
+            points = [(x_of(step), y_of(row[name])) for step, row in zip(steps, rows) if math.isfinite(row.get(name, math.nan))]
+            colour = PALETTE[i % len(PALETTE)]
             draw.line(points + points[-1:], fill=colour, width=2)  # a lone point draws a dot
-            draw.text((right + 8, top + 13 * i), name, fill=colour)
+            draw.text((right + 10, top + 16 * i), name, fill=colour, font=text)
     image.save(png_path)

@@ -3033,7 +3033,7 @@ def test_logs_carry_time_and_whole_run_eta_and_a_resume_drops_redone_rows(tmp_pa
     assert lines[-1].startswith("done: epochs 2-2 in ") and str(tmp_path) in lines[-1]
     # loss.png: every term against step, drawn from log.jsonl
     png = Image.open(tmp_path / "loss.png")
-    assert png.format == "PNG" and png.size == (960, 640)
+    assert png.format == "PNG" and png.size == (960, 660)
     changed = tmp_path / "changed.jsonl"
     changed.write_text("".join(json.dumps({**r, "loss": r["loss"] * 2} if "iteration" in r else r) + "\n" for r in rows))
     common.plot_log(str(changed), str(tmp_path / "changed.png"))
