@@ -75,7 +75,7 @@ from PIL import Image, ImageDraw
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
 
 from common import (HeldOut, IMAGENET_MEAN, IMAGENET_STD, MomentumQueue, Progress, ResNetTrunk, UnreadableImages,
-                    agreed_checkpoint, batchnorm_groups, bench_loader, check_args, check_unreadable,
+                    agreed_checkpoint, font, batchnorm_groups, bench_loader, check_args, check_unreadable,
                     convert_to_ghost_batchnorm, draw_colour, ema_update, load_backbone, open_source, photometric,
                     plot_log, raise_interrupt, resume_epoch, roi_align_boxes, shuffled_key_forward, stop_interrupted,
                     world_size)
@@ -495,24 +495,33 @@ def view_retrieval(trunks, images, size, seed, device, batch=64):
     return own.float().mean(1).tolist()
 
 
-def draw_bars(groups, labels, path, height=300):
-    """A PIL bar chart: groups = [(name, values per backbone, chance)]; bars coloured by backbone, a black
-    line at chance, the value above each bar."""
-    bar, bottom = 36, height - 44 - 14 * len(labels)
+def draw_bars(groups, labels, path, height=320):
+    """A PIL bar chart: groups = [(name, values per backbone, chance)]; bars coloured by backbone (legend
+    below), a dashed black line at chance, the value above each bar, a y axis of accuracy 0..1."""
+    text, bar, axis = font(), 36, 50
+    top, bottom = 40, height - 50 - 16 * len(labels)
     width = max(bar * len(labels), 120) + 30  # per group
-    sheet = Image.new("RGB", (20 + len(groups) * width, height), "white")
+    sheet = Image.new("RGB", (axis + 10 + len(groups) * width, height), "white")
     draw = ImageDraw.Draw(sheet)
+    draw.text((axis, 6), "top-1 accuracy of each readout on held-out images; dashed: chance", fill="black", font=text)
+    draw.line((axis, top, axis, bottom), fill="black")
+    for k in range(6):  # y ticks: accuracy 0, 0.2, ..., 1
+        y = bottom - k / 5 * (bottom - top)
+        draw.line((axis - 4, y, axis, y), fill="black")
+        draw.text((8, y - 7), f"{k / 5:.1f}", fill="black", font=text)
     for g, (name, values, chance) in enumerate(groups):
-        left = 20 + g * width
+        left = axis + 10 + g * width
+        y_chance = bottom - chance * (bottom - top)
         for b, value in enumerate(values):
-            top = bottom - value * (bottom - 30)
-            draw.rectangle((left + b * bar, top, left + (b + 1) * bar - 4, bottom), fill=COLOURS[b % len(COLOURS)])
-            draw.text((left + b * bar, top - 12), f"{value:.3f}", fill="black")
-        y = bottom - chance * (bottom - 30)
-        draw.line((left - 4, y, left + bar * len(values), y), fill="black", width=2)
-        draw.text((left, bottom + 4), f"{name}\nchance {chance:.3f}", fill="black")
+            y = bottom - value * (bottom - top)
+            draw.rectangle((left + b * bar, y, left + (b + 1) * bar - 4, bottom), fill=COLOURS[b % len(COLOURS)])
+            draw.text((left + b * bar, min(y, y_chance) - 16), f"{value:.2f}", fill="black", font=text)  # above both
+        y = y_chance
+        for x in range(left - 4, left + bar * len(values), 8):  # dashed: the chance line is not a bar's edge
+            draw.line((x, y, min(x + 4, left + bar * len(values)), y), fill="black", width=2)
+        draw.text((left, bottom + 4), f"{name}\nchance {chance:.3f}", fill="black", font=text)
     for b, label in enumerate(labels):
-        draw.text((20, bottom + 34 + 14 * b), label, fill=COLOURS[b % len(COLOURS)])
+        draw.text((axis, bottom + 36 + 16 * b), label, fill=COLOURS[b % len(COLOURS)], font=text)
     sheet.save(path)
 
 
