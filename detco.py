@@ -79,7 +79,7 @@ from PIL import Image, ImageDraw
 
 from common import (IMAGENET_MEAN, IMAGENET_STD, MomentumQueue, ResNetTrunk, UnreadableImages, agreed_checkpoint,
                     batchnorm_groups, bench_loader, check_args, check_unreadable, convert_to_ghost_batchnorm,
-                    draw_colour, ema_update, open_source, photometric, plot_log, raise_interrupt, resume_epoch,
+                    draw_colour, ema_update, font, open_source, photometric, plot_log, raise_interrupt, resume_epoch,
                     shuffled_key_forward, stop_interrupted, world_size)
 
 # ---------------------------------------------------------------------------------------
@@ -458,9 +458,9 @@ def write_preview(dataset, args, cell=128):
     """Per sample: original with crop regions | view q | view k | patch set q | patch set k (slot order)."""
     columns = ["original: crops", "view q (red)", "view k (blue)", "patches q (yellow)", "patches k (lime)"]
     sheet = Image.new("RGB", (cell * len(columns), 16 + cell * args.preview), "white")
-    draw = ImageDraw.Draw(sheet)
+    draw, text = ImageDraw.Draw(sheet), font(12)
     for c, name in enumerate(columns):
-        draw.text((c * cell + 4, 2), name, fill="black")
+        draw.text((c * cell + 4, 2), name, fill="black", font=text)
     tile = (cell - 4) // 3
     for row in range(args.preview):
         image, views, jigsaws = dataset.sample(row)
@@ -473,7 +473,7 @@ def write_preview(dataset, args, cell=128):
             for slot, (patch, source_cell) in enumerate(zip(patches, jigsaw["perm"].tolist())):
                 x, y = (3 + c) * cell + 2 + (slot % 3) * tile, top + 2 + (slot // 3) * tile
                 sheet.paste(to_picture(patch, tile - 2), (x, y))
-                draw.text((x + 2, y + 1), str(source_cell), fill="yellow")  # the cell this slot came from
+                draw.text((x + 2, y + 1), str(source_cell), fill="yellow", font=text)  # the cell this slot came from
     os.makedirs(args.output_dir, exist_ok=True)
     path = os.path.join(args.output_dir, "preview.png")
     sheet.save(path)

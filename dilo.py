@@ -50,7 +50,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from common import (IMAGENET_MEAN, IMAGENET_STD, ImageFolderSource, MomentumQueue, ResNetTrunk, ToyWorld,
                     UnreadableImages, agreed_checkpoint, batchnorm_groups, bench_loader, check_args,
-                    check_unreadable, convert_to_ghost_batchnorm, draw_colour, ema_update, load_backbone,
+                    check_unreadable, convert_to_ghost_batchnorm, draw_colour, ema_update, font, load_backbone,
                     open_source, photometric, plot_log, raise_interrupt, resume_epoch, shuffled_key_forward,
                     stop_interrupted, to_rgb, world_size)
 
@@ -643,10 +643,10 @@ def write_preview(dataset, args, cell=128):
     """Per sample: original | mask | view-1 source | view-2 source | view 1 | view 2; a source is the
     original with the view's crop window (outlined) as the view sees it, pasted or not."""
     columns = ["original", "mask", "source q", "source k", "view q", "view k"]
-    sheet = Image.new("RGB", (cell * len(columns), 16 + cell * args.preview), "white")
-    draw = ImageDraw.Draw(sheet)
+    sheet = Image.new("RGB", (cell * len(columns), 16 + cell * args.preview + 34), "white")  # + legend
+    draw, text = ImageDraw.Draw(sheet), font(12)
     for c, name in enumerate(columns):
-        draw.text((c * cell + 4, 2), name, fill="black")
+        draw.text((c * cell + 4, 2), name, fill="black", font=text)
     for row in range(args.preview):
         image, mask, has_mask, sources, views = dataset.sample(row)
         mask = mask.convert("RGB") if mask is not None else Image.new("RGB", image.size, "red" if not has_mask else "gray")
@@ -661,7 +661,8 @@ def write_preview(dataset, args, cell=128):
         for c, picture in enumerate(cells):
             sheet.paste(picture, (c * cell, 16 + row * cell))
         for c, (_, _, was_pasted) in enumerate(sources):
-            draw.text((4 + (2 + c) * cell, 20 + row * cell), "pasted" if was_pasted else "original", fill="yellow")
+            draw.text((4 + (2 + c) * cell, 20 + row * cell), "pasted" if was_pasted else "original", fill="yellow", font=text)
+    draw.text((4, 17 + cell * args.preview), "mask: saliency (red: none); source: the original with the view's crop\nwindow (yellow), pasted or not", fill="black", font=text)
     os.makedirs(args.output_dir, exist_ok=True)
     path = os.path.join(args.output_dir, "preview.png")
     sheet.save(path)

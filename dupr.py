@@ -84,11 +84,11 @@ import torchvision.transforms as T
 import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageDraw
 
-from common import (HeldOut, IMAGENET_MEAN, IMAGENET_STD, MomentumQueue, Progress, ResNetTrunk,
-                    UnreadableImages, agreed_checkpoint, batchnorm_groups, bench_loader, check_args, check_unreadable,
-                    convert_to_ghost_batchnorm, draw_colour, ema_update, load_backbone, open_source, photometric,
-                    plot_log, raise_interrupt, resume_epoch, roi_align_boxes, shuffled_key_forward, stop_interrupted,
-                    world_size)
+from common import (HeldOut, IMAGENET_MEAN, IMAGENET_STD, MomentumQueue, Progress, ResNetTrunk, UnreadableImages,
+                    agreed_checkpoint, batchnorm_groups, bench_loader, check_args, check_unreadable,
+                    convert_to_ghost_batchnorm, draw_colour, ema_update, font, load_backbone, open_source,
+                    photometric, plot_log, raise_interrupt, resume_epoch, roi_align_boxes, shuffled_key_forward,
+                    stop_interrupted, world_size)
 
 # ---------------------------------------------------------------------------------------
 # Arguments
@@ -708,10 +708,10 @@ def write_preview(dataset, args, cell=160):
     of B in the original, which a flipped view shows at the top-right."""
     S = ([S for S, b in zip(args.roi_size, args.beta) if b > 0] or [1])[-1]
     columns = ["original: R_q, R_k, B", "view q: B_q, S x S", "view k: B_k, S x S"]
-    sheet = Image.new("RGB", (cell * len(columns), 16 + cell * args.preview), "white")
-    draw = ImageDraw.Draw(sheet)
+    sheet = Image.new("RGB", (cell * len(columns), 16 + cell * args.preview + 34), "white")  # + legend
+    draw, text = ImageDraw.Draw(sheet), font(12)
     for c, name in enumerate(columns):
-        draw.text((c * cell + 4, 2), name, fill="black")
+        draw.text((c * cell + 4, 2), name, fill="black", font=text)
     for row in range(args.preview):
         image, views = dataset.sample(row)
         top = 16 + row * cell
@@ -726,9 +726,9 @@ def write_preview(dataset, args, cell=160):
         colour = draw_colour(2)
         for c, ((view, _, flipped), box) in enumerate(zip(views, (B_q[0], B_k[0])), start=1):
             sheet.paste(to_picture(photometric(view[None], colour[c - 1:c])[0], cell), (c * cell, top))
-            draw.text((c * cell + 4, top + 4), "flipped" if flipped else "not flipped", fill="yellow")
+            draw.text((c * cell + 4, top + 4), "flipped" if flipped else "not flipped", fill="yellow", font=text)
             if not valid:
-                draw.text((c * cell + 4, top + 16), "no overlap: no patch loss", fill="red")
+                draw.text((c * cell + 4, top + 16), "no overlap: no patch loss", fill="red", font=text)
                 continue
             x1, y1, x2, y2 = (box + torch.tensor([c * cell, top, c * cell, top])).tolist()
             for i in range(S + 1):  # the S x S grid of B_v
@@ -738,6 +738,7 @@ def write_preview(dataset, args, cell=160):
             cx = x2 - (x2 - x1) / (2 * S) if flipped else x1 + (x2 - x1) / (2 * S)
             cy = y1 + (y2 - y1) / (2 * S)
             draw.ellipse((cx - 3, cy - 3, cx + 3, cy + 3), fill="red")
+    draw.text((4, 17 + cell * args.preview), "red: R_q, blue: R_k, yellow: their intersection B;\nviews: B_v, its S x S grid, red dot: cell (0, 0)", fill="black", font=text)
     os.makedirs(args.output_dir, exist_ok=True)
     path = os.path.join(args.output_dir, "preview.png")
     sheet.save(path)

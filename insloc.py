@@ -75,10 +75,10 @@ from PIL import Image, ImageDraw
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
 
 from common import (HeldOut, IMAGENET_MEAN, IMAGENET_STD, MomentumQueue, Progress, ResNetTrunk, UnreadableImages,
-                    agreed_checkpoint, font, batchnorm_groups, bench_loader, check_args, check_unreadable,
-                    convert_to_ghost_batchnorm, draw_colour, ema_update, load_backbone, open_source, photometric,
-                    plot_log, raise_interrupt, resume_epoch, roi_align_boxes, shuffled_key_forward, stop_interrupted,
-                    world_size)
+                    agreed_checkpoint, batchnorm_groups, bench_loader, check_args, check_unreadable,
+                    convert_to_ghost_batchnorm, draw_colour, ema_update, font, load_backbone, open_source,
+                    photometric, plot_log, raise_interrupt, resume_epoch, roi_align_boxes, shuffled_key_forward,
+                    stop_interrupted, world_size)
 
 # ---------------------------------------------------------------------------------------
 # Arguments
@@ -679,10 +679,10 @@ def to_picture(tensor, size):
 def write_preview(dataset, args, cell=128):
     """Per sample: foreground image | composites q, k (true box green, query's augmented box red) | views."""
     columns = ["foreground", "composite q", "composite k", "view q", "view k"]
-    sheet = Image.new("RGB", (cell * len(columns), 16 + cell * args.preview), "white")
-    draw = ImageDraw.Draw(sheet)
+    sheet = Image.new("RGB", (cell * len(columns), 16 + cell * args.preview + 34), "white")  # + legend
+    draw, text = ImageDraw.Draw(sheet), font(12)
     for c, name in enumerate(columns):
-        draw.text((c * cell + 4, 2), name, fill="black")
+        draw.text((c * cell + 4, 2), name, fill="black", font=text)
     for row in range(args.preview):
         image, views = dataset.sample(row)
         box_aug = augment_box(views[0]["box"], dataset.anchors) if args.box_aug else views[0]["box"]
@@ -696,6 +696,8 @@ def write_preview(dataset, args, cell=128):
             boxes = [(views[(c - 1) % 2]["box"], "lime")] + ([(box_aug, "red")] if c in (1, 3) else [])
             for box, colour in boxes:
                 draw.rectangle((box * cell / args.image_size + offset).tolist(), outline=colour, width=2)
+    draw.text((4, 17 + cell * args.preview), "green: the pasted foreground's box; red: the query's augmented box\n"
+              "(the box RoIAlign pools for q)", fill="black", font=text)
     os.makedirs(args.output_dir, exist_ok=True)
     path = os.path.join(args.output_dir, "preview.png")
     sheet.save(path)

@@ -398,7 +398,7 @@ def test_dilo_preview(tmp_path):
     args = dilo.get_args(["--tiny", "--preview", "6", "--paste-prob", "0.5", "--output-dir", str(tmp_path)])
     dataset = dilo.CopyPasteTwoViews(common.open_source("synthetic", 100, args.image_size * 8 // 7), args)
     sheet, samples = recorded_preview(dilo, dataset, args)
-    assert sheet.size == (6 * 128, 16 + 6 * 128) and len(samples) == 6
+    assert sheet.size == (6 * 128, 16 + 6 * 128 + 34) and len(samples) == 6
     for row, (image, _, _, sources, _) in enumerate(samples):
         sx, sy, top = 128 / image.width, 128 / image.height, 16 + row * 128
         for c, (_, (x1, y1, x2, y2), _) in enumerate(sources):
@@ -716,7 +716,7 @@ def test_dupr_preview(tmp_path):
     args = dupr.get_args(["--tiny", "--preview", "4", "--output-dir", str(tmp_path)])
     dataset = dupr.TwoViewsWithBoxes(common.open_source("synthetic", 100, args.image_size * 8 // 7), args)
     sheet, samples = recorded_preview(dupr, dataset, args)
-    assert sheet.size == (3 * 160, 16 + 4 * 160)
+    assert sheet.size == (3 * 160, 16 + 4 * 160 + 34)
     checked = 0
     for row, (image, views) in enumerate(samples):
         top, scale = 16 + row * 160, torch.tensor([160 / image.width, 160 / image.height] * 2)
@@ -1040,7 +1040,7 @@ def test_insloc_c4_trains_and_preview(tmp_path):
     record = read_log(tmp_path / "log.jsonl")[-1]
     assert 0.5 < record["box_iou"] < 1 and "loss_p2" not in record  # augmented query boxes; one level
     insloc.main(insloc.get_args(["--tiny", "--preview", "4", "--output-dir", str(tmp_path)]))
-    assert Image.open(tmp_path / "preview.png").size == (5 * 128, 16 + 4 * 128)
+    assert Image.open(tmp_path / "preview.png").size == (5 * 128, 16 + 4 * 128 + 34)
 
 
 @slow
