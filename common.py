@@ -886,7 +886,8 @@ def plot_log(log_path, png_path, width=960, height=660):
             draw.line((x_of(step), bottom, x_of(step), bottom + 4), fill="black")
             draw.text((x_of(step) - 10, bottom + 6), str(step), fill="black", font=text)
         for i, name in enumerate(series):
-            points = [(x_of(step), y_of(row[name])) for step, row in zip(steps, rows) if math.isfinite(row.get(name, math.nan))]
+            points = [(x_of(step), y_of(row[name])) for step, row in zip(steps, rows)
+                      if math.isfinite(row.get(name, math.nan))]
             colour = PALETTE[i % len(PALETTE)]
             draw.line(points + points[-1:], fill=colour, width=2)  # a lone point draws a dot
             draw.text((right + 10, top + 16 * i), name, fill=colour, font=text)

@@ -218,19 +218,22 @@ class VOCDetection(torch.utils.data.Dataset):
         layout = "VOCdevkit/VOC2007/{Annotations,JPEGImages,ImageSets/Main} (and VOC2012 for 07+12)"
         for part in split.split("+"):
             if not re.fullmatch(r"\d{4}-\w+", part):
-                raise SystemExit(f"error: split {split!r}: expected YEAR-SET parts joined by '+', e.g. 2007-trainval+2012-trainval")
+                raise SystemExit(f"error: split {split!r}: expected YEAR-SET parts joined by '+', "
+                                 "e.g. 2007-trainval+2012-trainval")
             year, name = part.split("-")
             folder = os.path.join(root, f"VOC{year}")
             listing = os.path.join(folder, "ImageSets", "Main", f"{name}.txt")
             if not os.path.isfile(listing):
-                raise SystemExit(f"error: --data-root {root} has no VOC{year}/ImageSets/Main/{name}.txt; expected {layout}")
+                raise SystemExit(f"error: --data-root {root} has no VOC{year}/ImageSets/Main/{name}.txt; "
+                                 f"expected {layout}")
             with open(listing) as f:
                 names = [line.strip() for line in f if line.strip()]
             for kind, extension in (("JPEGImages", "jpg"), ("Annotations", "xml")):  # before training, not hours in
                 missing = [n for n in names if not os.path.isfile(os.path.join(folder, kind, f"{n}.{extension}"))]
                 if missing:
                     raise SystemExit(f"error: {len(missing)} of the {len(names)} names in {listing} have no "
-                                     f"VOC{year}/{kind}/NAME.{extension} (e.g. {missing[0]}.{extension}); expected {layout}")
+                                     f"VOC{year}/{kind}/NAME.{extension} (e.g. {missing[0]}.{extension}); "
+                                     f"expected {layout}")
             self.items += [(folder, n) for n in names]
         self.num_classes = len(VOC_CLASSES)
 
@@ -282,10 +285,11 @@ class COCODetection(torch.utils.data.Dataset):
             raise SystemExit(f"error: {path} is not a COCO annotation file (a JSON object with 'images', "
                              "'annotations' and 'categories' lists)") from None
         self.folder, self.train = os.path.join(root, split), train
-        missing = [i["file_name"] for i in self.coco["images"] if not os.path.isfile(os.path.join(self.folder, i["file_name"]))]
+        missing = [image["file_name"] for image in self.coco["images"]
+                   if not os.path.isfile(os.path.join(self.folder, image["file_name"]))]
         if missing:  # before training, not hours in
-            raise SystemExit(f"error: {len(missing)} of the {len(self.coco['images'])} images that {path} names are not "
-                             f"in {self.folder} (e.g. {missing[0]}); expected {layout}")
+            raise SystemExit(f"error: {len(missing)} of the {len(self.coco['images'])} images that {path} names "
+                             f"are not in {self.folder} (e.g. {missing[0]}); expected {layout}")
         self.category_ids = sorted(c["id"] for c in self.coco["categories"])
         self.label = {c: n + 1 for n, c in enumerate(self.category_ids)}
         self.num_classes = len(self.category_ids)
@@ -1313,7 +1317,8 @@ def make_logger(args):
         short = {"loss_classifier": "cls", "loss_box_reg": "box", "loss_mask": "mask", "loss_objectness": "obj",
                  "loss_rpn_box_reg": "rpn"}  # log.jsonl has the full names
         terms = " ".join(f"{short.get(name, name)} {record[name]:.3f}" for name in record if name.startswith("loss_"))
-        print(f"iter {record['iteration'] + 1}/{record['iters']} eta {record['eta_s'] / 60:.1f} min lr {record['lr']:.5f} "
+        print(f"iter {record['iteration'] + 1}/{record['iters']} eta {record['eta_s'] / 60:.1f} min "
+              f"lr {record['lr']:.5f} "
               f"loss {record['loss']:.4f} ({terms}) {record['img_per_s']:.1f} img/s "
               f"data {100 * record['data_time'] / record['step_time']:.0f}%", flush=True)
     return log
@@ -1347,7 +1352,8 @@ def save_checkpoint(model, optimizer, iteration, args):
     if iteration >= args.iters:
         optimizer_state["state"] = {}  # NOTE: a run extended with a larger --iters restarts momentum from zero
     state = {"method": "detect", "iteration": iteration, "model": model.state_dict(), "optimizer": optimizer_state,
-             "rng": states, "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, type(None)))}}
+             "rng": states,
+             "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, type(None)))}}
     path = os.path.join(args.output_dir, "checkpoint.pth")
     torch.save(state, path + ".tmp")
     os.replace(path + ".tmp", path)

@@ -661,8 +661,10 @@ def write_preview(dataset, args, cell=128):
         for c, picture in enumerate(cells):
             sheet.paste(picture, (c * cell, 16 + row * cell))
         for c, (_, _, was_pasted) in enumerate(sources):
-            draw.text((4 + (2 + c) * cell, 20 + row * cell), "pasted" if was_pasted else "original", fill="yellow", font=text)
-    draw.text((4, 17 + cell * args.preview), "mask: saliency (red: none); source: the original with the view's crop\nwindow (yellow), pasted or not", fill="black", font=text)
+            draw.text((4 + (2 + c) * cell, 20 + row * cell), "pasted" if was_pasted else "original", fill="yellow",
+                      font=text)
+    draw.text((4, 17 + cell * args.preview), "mask: saliency (red: none); source: the original with the view's crop\n"
+              "window (yellow), pasted or not", fill="black", font=text)
     os.makedirs(args.output_dir, exist_ok=True)
     path = os.path.join(args.output_dir, "preview.png")
     sheet.save(path)

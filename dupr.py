@@ -142,8 +142,8 @@ def get_args(argv=None):
                         help="key patch vectors enqueued per patch level and step, per 256 images of global batch "
                              "(split over processes, at least 1 each)")
     parser.add_argument("--patch-chunk", type=int, default=1024, metavar="ROWS",
-                        help="patch InfoNCE rows scored against the queue at a time (1024 x 65537 fp32 logits = 256 MB); "
-                             "0 = all rows in one matrix. The same loss either way")
+                        help="patch InfoNCE rows scored against the queue at a time (1024 x 65537 fp32 logits "
+                             "= 256 MB); 0 = all rows in one matrix. The same loss either way")
     parser.add_argument("--iou-curve", nargs="+", default=[], metavar="BACKBONE", help="backbone.pth, checkpoint.pth or torchvision "
                         "ResNet state_dict files: write output-dir/iou_curve.png/.json and correspondence.png (Fig. 6, 7), then exit")
     parser.add_argument("--coco", nargs=2, default=None, metavar=("JSON", "DIR"), help="analysis images: a COCO annotation file and its image folder (None: the toy world's val split)")
@@ -738,7 +738,8 @@ def write_preview(dataset, args, cell=160):
             cx = x2 - (x2 - x1) / (2 * S) if flipped else x1 + (x2 - x1) / (2 * S)
             cy = y1 + (y2 - y1) / (2 * S)
             draw.ellipse((cx - 3, cy - 3, cx + 3, cy + 3), fill="red")
-    draw.text((4, 17 + cell * args.preview), "red: R_q, blue: R_k, yellow: their intersection B;\nviews: B_v, its S x S grid, red dot: cell (0, 0)", fill="black", font=text)
+    draw.text((4, 17 + cell * args.preview), "red: R_q, blue: R_k, yellow: their intersection B;\n"
+              "views: B_v, its S x S grid, red dot: cell (0, 0)", fill="black", font=text)
     os.makedirs(args.output_dir, exist_ok=True)
     path = os.path.join(args.output_dir, "preview.png")
     sheet.save(path)
