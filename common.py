@@ -851,8 +851,8 @@ def font(size=13):
 def plot_log(log_path, png_path, width=960, height=660):
     """loss.png from log.jsonl's progress rows, against the step (epoch * steps + iteration + 1): the loss
     terms (top) and the accuracies with the data fractions (bottom, 0..1). The first K / batch steps score
-    against the queue's random initial keys (accuracy near 1, a low loss): they are shaded, and the loss
-    axis spans the later steps where there are any. PIL only."""
+    against the queue's random initial keys (accuracy near 1, a low loss): they are shaded and, where
+    later steps exist, not drawn, so that the queue filling up does not look like divergence. PIL only."""
     with open(log_path) as f:
         rows = [row for row in map(json.loads, f)]
     start = next((row["args"] for row in rows if row.get("event") == "start"), {})
@@ -872,9 +872,11 @@ def plot_log(log_path, png_path, width=960, height=660):
         values = [row[n] for row in later for n in series if math.isfinite(row.get(n, math.nan))]
         lo, hi = (0.0, 1.0) if p or not values else (min(values), max(values) + 1e-6)
         y_of = lambda v: bottom - (bottom - top) * (min(max(v, lo), hi) - lo) / (hi - lo)  # clipped to the panel
+        hidden = filling >= steps[0] and steps[-1] > filling  # the filling steps' points are left out
         if filling >= steps[0]:
             draw.rectangle((left, top, min(x_of(filling), right), bottom), fill="#e8e8e8")
-            draw.text((left + 4, top + 4), "queue filling: random keys", fill="gray", font=text)
+            draw.text((left + 4, top + 4), "queue filling: random keys" + (" (not drawn)" if hidden else ""),
+                      fill="gray", font=text)
         draw.rectangle((left, top, right, bottom), outline="black")
         draw.text((left, top - 20), ("loss terms" if not p else "accuracy and data fractions (0 to 1)")
                   + " against the training step", fill="black", font=text)
@@ -887,8 +889,10 @@ def plot_log(log_path, png_path, width=960, height=660):
             draw.text((x_of(step) - 10, bottom + 6), str(step), fill="black", font=text)
         for i, name in enumerate(series):
             points = [(x_of(step), y_of(row[name])) for step, row in zip(steps, rows)
-                      if math.isfinite(row.get(name, math.nan))]
+                      if math.isfinite(row.get(name, math.nan)) and not (hidden and step <= filling)]
             colour = PALETTE[i % len(PALETTE)]
-            draw.line(points + points[-1:], fill=colour, width=2)  # a lone point draws a dot
+            if points:  # a lone point draws a dot
+                draw.ellipse((points[-1][0] - 2, points[-1][1] - 2, points[-1][0] + 2, points[-1][1] + 2), fill=colour)
+                draw.line(points + points[-1:], fill=colour, width=2)
             draw.text((right + 10, top + 16 * i), name, fill=colour, font=text)
     image.save(png_path)
