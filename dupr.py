@@ -522,7 +522,7 @@ def correspondence(trunks, labels, held_out, size, seed, device, path, shown=3, 
     first `shown` images: view 1 | view 2 per trunk, a line per cell to its match (green: within one).
     NOTE: Fig. 7 is qualitative (and its models have losses on conv5_x only); the share is ours."""
     seed_everything(seed)
-    sheet = Image.new("RGB", (2 * cell * len(trunks), 16 + cell * shown), "white")
+    sheet = Image.new("RGB", (2 * cell * len(trunks), 16 + cell * shown + 48), "white")  # + legend
     draw, augment = ImageDraw.Draw(sheet), MoCoV2ViewWithBox(size)
     hits, chance, total = torch.zeros(len(trunks)), 0.0, 0
     progress = Progress("iou-curve: correspondence (Fig. 7)", len(held_out))
@@ -546,6 +546,8 @@ def correspondence(trunks, labels, held_out, size, seed, device, path, shown=3, 
                 draw.line(at(grid[p], 2 * t) + at(matches[t, p], 2 * t + 1), fill="gray" if not valid[p] else "lime" if near[t, p] else "red")
     for t, label in enumerate(labels):
         draw.text((2 * t * cell + 4, 2), f"{label}: {hits[t] / max(total, 1):.3f} within one cell", fill="black")
+    draw.text((4, 17 + cell * shown), "line: view 1 cell -> its most similar view 2 cell;\ngreen: within one cell of "
+              "the truth,\nred: farther; gray: not in view 2", fill="black", font=font(11))
     sheet.save(path)
     return (hits / max(total, 1)).tolist(), chance / max(total, 1)
 
