@@ -699,9 +699,9 @@ def diagnose(args, queries=6, k=3, cell=128):
         keys = torch.cat([embed(trunk, torch.stack([prepare(held_out[i][0]) for i in b]).to(device)) for b in batches])  # (G, C)
     columns = ["query", "input gradient"] + [f"neighbour {i + 1}" for i in range(k)]
     sheet = Image.new("RGB", (cell * len(columns), 16 + cell * queries), "white")
-    draw = ImageDraw.Draw(sheet)
+    draw, text = ImageDraw.Draw(sheet), font(12)
     for c, name in enumerate(columns):
-        draw.text((c * cell + 4, 2), name, fill="black")
+        draw.text((c * cell + 4, 2), name, fill="black", font=text)
     found = []
     for row in range(queries):
         x = prepare(query_source[row][0])[None].to(device).requires_grad_(True)  # (1, 3, S, S)
@@ -716,7 +716,8 @@ def diagnose(args, queries=6, k=3, cell=128):
         for c, picture in enumerate(cells):
             sheet.paste(picture.convert("RGB").resize((cell, cell)), (c * cell, 16 + row * cell))
         for c, value in enumerate(similarity.tolist()):
-            draw.text(((2 + c) * cell + 4, 20 + row * cell), f"cos {value:.3f}", fill="yellow")
+            draw.text(((2 + c) * cell + 4, 20 + row * cell), f"cos {value:.3f}", fill="yellow", font=text,
+                      stroke_width=1, stroke_fill="black")  # legible on any image
         found.append(neighbours.cpu())
     os.makedirs(args.output_dir, exist_ok=True)
     path = os.path.join(args.output_dir, "diagnosis.png")
