@@ -395,6 +395,7 @@ def test_nan_loss_stops_with_iteration(tmp_path):
 
 def test_dilo_preview(tmp_path):
     """Each source cell outlines its view's crop window (yellow), at the window's place in the original."""
+    torch.manual_seed(0)
     args = dilo.get_args(["--tiny", "--preview", "6", "--paste-prob", "0.5", "--output-dir", str(tmp_path)])
     dataset = dilo.CopyPasteTwoViews(common.open_source("synthetic", 100, args.image_size * 8 // 7), args)
     sheet, samples = recorded_preview(dilo, dataset, args)
@@ -712,7 +713,8 @@ def test_dupr_exact_resume(tmp_path, monkeypatch):
 
 
 def test_dupr_preview(tmp_path):
-    """R_q red and R_k blue on the original; B_v (yellow, the outline of its S x S grid) in each view."""
+    """R_q red and R_k blue on the original; B_v's S x S grid (yellow) in each view."""
+    torch.manual_seed(0)
     args = dupr.get_args(["--tiny", "--preview", "4", "--output-dir", str(tmp_path)])
     dataset = dupr.TwoViewsWithBoxes(common.open_source("synthetic", 100, args.image_size * 8 // 7), args)
     sheet, samples = recorded_preview(dupr, dataset, args)
@@ -728,10 +730,16 @@ def test_dupr_preview(tmp_path):
         assert outline_share(sheet, shifted, (255, 0, 0)) < 0.4  # the check can fail
         flips = [torch.tensor([flipped]) for _, _, flipped in views]
         B_q, B_k, valid = dupr.intersection_in_views(crops[0][None], crops[1][None], *flips, (160, 160), (160, 160))
+        S = args.roi_size[-1]  # the grid of the last patch level
         for c, box in enumerate((B_q[0], B_k[0]), start=1):
-            if valid:
-                box = (box + torch.tensor([c * 160, top, c * 160, top])).tolist()
-                assert outline_share(sheet, box, (255, 255, 0)) > 0.5, (row, c)  # the next cell covers x = 160
+            if valid:  # the grid's inner lines (B_v's own edges may lie under the next cell)
+                x1, y1, x2, y2 = (box + torch.tensor([c * 160, top, c * 160, top])).tolist()
+                for i in range(1, S):
+                    x, y = x1 + (x2 - x1) * i / S, y1 + (y2 - y1) * i / S
+                    vertical = (x, y1 + (y2 - y1) / 4, x, y2 - (y2 - y1) / 4)  # the middle half of each line
+                    horizontal = (x1 + (x2 - x1) / 4, y, x2 - (x2 - x1) / 4, y)
+                    assert outline_share(sheet, vertical, (255, 255, 0)) > 0.8, (row, c, i)
+                    assert outline_share(sheet, horizontal, (255, 255, 0)) > 0.8, (row, c, i)
                 checked += 1
     assert checked >= 4
 
@@ -858,15 +866,18 @@ def test_detco_exact_resume(tmp_path, monkeypatch):
 
 def test_detco_preview(tmp_path):
     """The original shows the global crops (red, blue) and the local crops (yellow, lime) where they were cut."""
+    torch.manual_seed(0)
     args = detco.get_args(["--tiny", "--preview", "3", "--output-dir", str(tmp_path)])
     dataset = detco.GlobalLocalViews(common.open_source("synthetic", 100, args.image_size * 8 // 7), args)
     sheet, samples = recorded_preview(detco, dataset, args)
     assert sheet.size == (5 * 128, 16 + 3 * 128)
     for row, (image, views, jigsaws) in enumerate(samples):
         sx, sy, top = 128 / image.width, 128 / image.height, 16 + row * 128
-        for region, colour in zip(views + jigsaws, ((255, 0, 0), (0, 0, 255), (255, 255, 0), (0, 255, 0))):
+        colours = [(255, 0, 0), (0, 0, 255), (255, 255, 0), (0, 255, 0)]  # in drawing order: later ones cover
+        for r, region in enumerate(views + jigsaws):
             x1, y1, x2, y2 = region["box"]
-            assert outline_share(sheet, (x1 * sx, top + y1 * sy, x2 * sx, top + y2 * sy), colour) > 0.5, (row, colour)
+            box = (x1 * sx, top + y1 * sy, x2 * sx, top + y2 * sy)
+            assert outline_share(sheet, box, colours[r:]) > 0.7, (row, colours[r])
 
 
 # ---------------------------------------------------------------------------------------
