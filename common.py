@@ -678,11 +678,11 @@ def bench_loader(dataset, n):
 
 # What MAY differ between a checkpoint's args and the command that resumes it (a list of what may, so
 # that a new flag is part of the recipe until someone decides otherwise): loader processes, logging,
-# paths, bf16 on a GPU or fp32 on a CPU, the process count (the batch is global), values derived at
+# paths, bf16 on a GPU or fp32 on a CPU, the memory format, the process count (the batch is global), values derived at
 # start, how a loss is evaluated when the value is the same (dupr.py --patch-chunk). --epochs may grow
 # (resume_epoch).
 NOT_RECIPE = ("workers", "print_freq", "output_dir", "resume", "preview", "amp", "world_size", "rank", "is_main",
-              "lr_actual", "epochs", "patch_chunk")
+              "lr_actual", "epochs", "patch_chunk", "channels_last")
 
 
 def checkpoint_path(args):

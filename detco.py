@@ -112,6 +112,8 @@ def get_args(argv=None):
     parser.add_argument("--output-dir", default="runs/detco", help="checkpoint.pth, backbone.pth, log.jsonl, loss.png")
     parser.add_argument("--resume", default="auto", help="'auto' (output-dir/checkpoint.pth if present), a path, or 'none'")
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast; None: on for CUDA, off on CPU")
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                        help="NHWC memory format for images and weights; None: on for CUDA, off on CPU")
     parser.add_argument("--print-freq", type=int, default=10, help="iterations between log lines")
     parser.add_argument("--seed", type=int, default=0, help="seeds weights, queues and data order")
     parser.add_argument("--steps", type=int, default=0, help="cap on iterations per epoch (0 = full epoch)")
@@ -308,7 +310,7 @@ def train_one_epoch(model, loader, optimizer, epoch, args, log):  # Same as in d
         for group in optimizer.param_groups:
             group["lr"] = lr
         batch = [t.to(args.device, non_blocking=True) for t in batch]
-        if args.device.type == "cuda":  # NHWC convolutions are faster under bf16
+        if args.channels_last:  # NHWC convolutions are faster under bf16 on GPUs
             batch = [t.to(memory_format=torch.channels_last) if t.dim() == 4 else t for t in batch]
         with torch.autocast(args.device.type, dtype=torch.bfloat16, enabled=args.amp):
             loss, terms = model(*batch)
@@ -348,6 +350,7 @@ def setup_distributed(args):  # Same as in dilo.py, dupr.py, insloc.py
         dist.init_process_group("nccl" if args.device.type == "cuda" else "gloo")
     args.is_main = args.rank == 0
     args.amp = args.device.type == "cuda" if args.amp is None else args.amp
+    args.channels_last = args.device.type == "cuda" if args.channels_last is None else args.channels_last
     args.lr_actual = args.lr * args.batch_size / 256
 
 
@@ -495,7 +498,7 @@ def main(args):
         return bench_loader(dataset, args.bench_loader)
     seed_everything(args.seed)
     model = DetCo(args).to(args.device)
-    if args.device.type == "cuda":
+    if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=args.lr_actual, momentum=0.9, weight_decay=args.wd)
     start_epoch = load_checkpoint(model, optimizer, args)

@@ -116,6 +116,8 @@ def get_args(argv=None):
     parser.add_argument("--output-dir", default="runs/insloc", help="checkpoint.pth, backbone.pth, log.jsonl, loss.png")
     parser.add_argument("--resume", default="auto", help="'auto' (output-dir/checkpoint.pth if present), a path, or 'none'")
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast; None: on for CUDA, off on CPU")
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                        help="NHWC memory format for images and weights; None: on for CUDA, off on CPU")
     parser.add_argument("--print-freq", type=int, default=10, help="iterations between log lines")
     parser.add_argument("--seed", type=int, default=0, help="seeds weights, queues and data order")
     parser.add_argument("--steps", type=int, default=0, help="cap on iterations per epoch (0 = full epoch)")
@@ -398,7 +400,7 @@ def train_one_epoch(model, loader, optimizer, epoch, args, log):  # As in dilo.p
         for group in optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"]  # --head-lr-scale for the layers on the trunk
         batch = [t.to(args.device, non_blocking=True) for t in batch]
-        if args.device.type == "cuda":  # NHWC convolutions are faster under bf16
+        if args.channels_last:  # NHWC convolutions are faster under bf16 on GPUs
             batch = [t.to(memory_format=torch.channels_last) if t.dim() == 4 else t for t in batch]
         with torch.autocast(args.device.type, dtype=torch.bfloat16, enabled=args.amp):
             loss, terms = model(*batch)
@@ -589,6 +591,7 @@ def setup_distributed(args):  # Same as in dilo.py, dupr.py, detco.py
         dist.init_process_group("nccl" if args.device.type == "cuda" else "gloo")
     args.is_main = args.rank == 0
     args.amp = args.device.type == "cuda" if args.amp is None else args.amp
+    args.channels_last = args.device.type == "cuda" if args.channels_last is None else args.channels_last
     args.lr_actual = args.lr * args.batch_size / 256
 
 
@@ -721,7 +724,7 @@ def main(args):
         return bench_loader(dataset, args.bench_loader)
     seed_everything(args.seed)
     model = InsLoc(args).to(args.device)
-    if args.device.type == "cuda":
+    if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     # NOTE: Nesterov momentum, the InsLoc recipe (dilo.py: plain momentum).
     heads = [p for name, p in model.encoder_q.named_parameters() if not name.startswith("backbone.")]

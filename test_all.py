@@ -3106,6 +3106,22 @@ def test_every_info_nce_copy_equals_a_plain_reference(name, tau):
     expected_loss, expected_acc = _plain_info_nce(q.double(), k.double(), queue.double(), tau)
     assert loss.dtype == torch.float32 and float(loss) == pytest.approx(expected_loss, rel=1e-5)
     assert float(acc) == pytest.approx(expected_acc) and 0 < expected_acc < 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as under --amp: still fp32 logits (bf16 matmul: 3e-4 off)
+        amp_loss, amp_acc = TRAINERS[name].info_nce(q, k, queue, tau)
+    assert amp_loss.dtype == torch.float32 and float(amp_loss) == pytest.approx(float(loss), rel=1e-6)
+    assert float(amp_acc) == float(acc)
+
+
+@pytest.mark.parametrize("name, extra", [("dilo", []), ("dupr", []), ("detco", []), ("insloc", ["--variant", "c4"]),
+                                         ("insloc", ["--variant", "fpn"])], ids=["dilo", "dupr", "detco", "insloc-c4", "insloc-fpn"])
+def test_bf16_autocast_and_channels_last_train_on_the_cpu(name, extra, tmp_path):
+    """The GPU's settings, forced on the CPU: bf16 autocast and NHWC weights and images, two steps."""
+    module = TRAINERS[name]
+    module.main(module.get_args(SMALL + extra + ["--steps", "2", "--amp", "--channels-last", "--output-dir", str(tmp_path)]))
+    rows = read_log(tmp_path / "log.jsonl", events=True)
+    assert rows[0]["args"]["amp"] is True and rows[0]["args"]["channels_last"] is True
+    steps = [row for row in rows if "iteration" in row]
+    assert len(steps) == 2 and all(math.isfinite(row[key]) for row in steps for key in row if key.startswith("loss"))
 
 
 class _ConstantLoss(nn.Module):
