@@ -2,8 +2,8 @@
 
 Tests assert properties a reader cares about: geometry against ground truth, equivalence
 with plain reference computations, exact resume, identical ranks, refused bad input.
-`SLOW=1 python -m pytest -q test_all.py` adds the long checks (learning runs, a second signal,
-more multi-process runs); `.ci/run` runs them all.
+`SLOW=1 python -m pytest -q test_all.py` adds the long checks (learning runs, more signals and
+resumes, more multi-process runs); `.ci/run` runs them all.
 """
 import contextlib
 import copy
@@ -2812,6 +2812,7 @@ def _detect_interrupted(folder, signals):
     return process.returncode, out + rest, err
 
 
+@slow
 def test_detect_interrupt_saves_the_iteration_and_resumes_exactly(tmp_path):
     """detect_finetune.py and Ctrl-C as a user meets them: the iteration in progress finishes and is saved,
     one line says so; the rerun starts with the next iteration and ends with the weights of a run that was
@@ -2878,6 +2879,7 @@ def test_resume_two_nodes_agree_or_both_stop(tmp_path):
     assert torch.load(shared / "checkpoint.pth", weights_only=True)["epoch"] == 2
 
 
+@slow
 def test_resume_detect_two_nodes_both_stop(tmp_path):
     shared, empty = tmp_path / "shared", tmp_path / "empty"
     args = _detect_args(tmp_path, "--iters", "3", "--output-dir", str(shared))
@@ -2932,6 +2934,7 @@ def test_a_small_folder_with_an_empty_file_trains_and_warns_once_over_2_epochs(t
     assert [r["epoch"] for r in read_log(tmp_path / "run" / "log.jsonl") if "checkpoint" in r] == [0, 1]
 
 
+@slow
 def test_unreadable_images_over_the_limit_abort_with_one_line(tmp_path):
     data = _folder_with_unreadable(tmp_path, 20, 11)
     result = _run_dilo_tiny(_QUIET + ["--data", data, "--batch-size", "8", "--epochs", "2", "--workers", "2"], tmp_path)
