@@ -678,9 +678,9 @@ def bench_loader(dataset, n):
 
 # What MAY differ between a checkpoint's args and the command that resumes it (a list of what may, so
 # that a new flag is part of the recipe until someone decides otherwise): loader processes, logging,
-# paths, bf16 on a GPU or fp32 on a CPU, the memory format, the process count (the batch is global), values derived at
-# start, how a loss is evaluated when the value is the same (dupr.py --patch-chunk). --epochs may grow
-# (resume_epoch).
+# paths, bf16 on a GPU or fp32 on a CPU, the memory format, the process count (the batch is global),
+# values derived at start, how a loss is evaluated when the value is the same (dupr.py --patch-chunk).
+# --epochs may grow (resume_epoch).
 NOT_RECIPE = ("workers", "print_freq", "output_dir", "resume", "preview", "amp", "world_size", "rank", "is_main",
               "lr_actual", "epochs", "patch_chunk", "channels_last")
 
@@ -854,7 +854,7 @@ def plot_log(log_path, png_path, width=960, height=660):
     against the queue's random initial keys (accuracy near 1, a low loss): they are shaded and, where
     later steps exist, not drawn, so that the queue filling up does not look like divergence. PIL only."""
     with open(log_path) as f:
-        rows = [row for row in map(json.loads, f)]
+        rows = list(map(json.loads, f))
     start = next((row["args"] for row in rows if row.get("event") == "start"), {})
     rows = [row for row in rows if "iteration" in row]
     filling = start.get("queue_size", 0) / max(start.get("batch_size", 1), 1)  # steps until the queue holds real keys

@@ -300,9 +300,10 @@ class DUPR(nn.Module):
         tau, terms = self.args.temperature, {}
         for i, (m, queue) in images:  # eq. 8; clone: enqueue writes in place
             terms[f"image_{m}"], terms[f"acc_image_{m}"] = info_nce(q[i], k[i], queue.keys.clone(), tau)
-        for i, (m, queue) in patches:  # eq. 7, --patch-chunk rows of logits at a time
-            terms[f"patch_{m}"], terms[f"acc_patch_{m}"] = patch_info_nce(
-                q[i], k[i], valid, queue.keys.clone(), tau, self.args.patch_chunk)
+        for i, (m, queue) in patches:  # eq. 7, --patch-chunk rows of logits at a time; the chunked loss keeps
+            keys = queue.keys if self.args.patch_chunk else queue.keys.clone()  # no queue for its backward
+            terms[f"patch_{m}"], terms[f"acc_patch_{m}"] = patch_info_nce(q[i], k[i], valid, keys, tau,
+                                                                          self.args.patch_chunk)
         alpha, beta = dict(zip(LEVELS, self.args.alpha)), dict(zip(LEVELS, self.args.beta))
         loss = (sum(alpha[m] * terms[f"image_{m}"] for _, (m, _) in images)  # eq. 2
                 + sum(beta[m] * terms[f"patch_{m}"] for _, (m, _) in patches))
