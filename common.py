@@ -1,28 +1,24 @@
-"""What every trainer of this repository shares, and nothing else.
+"""What the four trainers share, and nothing else, in this order:
 
-- `ResNetTrunk`: torchvision's ResNet without `avgpool`/`fc`, returning conv2_x..conv5_x
-  (strides 4/8/16/32). Its state_dict keys ARE torchvision's (`layer4.2.bn3.weight`).
-- `roi_align_boxes`: torchvision RoIAlign with boxes in input-image pixels, one per sample;
-  `load_backbone`: a trunk from any backbone.pth, torchvision state_dict or checkpoint.pth.
-- The MoCo machinery: `MomentumQueue`, `ema_update`, `concat_all_gather`,
-  `shuffled_key_forward` (shuffle BN, MoCo sec. 3.3), and ghost BatchNorm
-  (`convert_to_ghost_batchnorm`): BN statistics over groups of `--bn-batch` samples.
-- The data sources: `ImageFolderSource` (any folder of images, ImageNet `train/` aware)
-  and `ToyWorld`, the built-in synthetic dataset, with `write_toy_world` (files + COCO json);
-  `HeldOut`, the analysis tools' images with boxes (toy world val or a COCO-format folder).
-- MoCo v2's colour augmentation on the device: `draw_colour` (loader), `photometric` (forward); `bench_loader`.
-- Resuming: `read_checkpoint`, `agreed_checkpoint`, `resume_epoch`, `raise_interrupt`, `stop_interrupted`.
-- Plumbing: `check_args` (the shared flags' ranges) and `plot_log` (loss.png from log.jsonl).
-
-Nothing here carries a paper's claim: changing this file must not change one method's
-recipe without changing all of them.
+- `ResNetTrunk` (torchvision's ResNet minus avgpool/fc -> conv2_x..conv5_x, torchvision's keys) and
+  `roi_align_boxes` (torchvision RoIAlign, boxes in input-image pixels).
+- MoCo's machinery: `concat_all_gather`, `MomentumQueue`, `ema_update`, `shuffled_key_forward`
+  (shuffle BN, MoCo sec. 3.3), ghost BatchNorm (`convert_to_ghost_batchnorm`: statistics over
+  groups of --bn-batch samples, as the papers' per-GPU BN).
+- MoCo v2's colour augmentation on the training device: `draw_colour` (loader), `photometric` (forward).
+- Data sources, each item (PIL RGB, target): `ImageFolderSource` (ImageNet `train/` aware, unreadable
+  files skipped under a limit), `ToyWorld` (the built-in synthetic dataset); `bench_loader`.
+- Run safety: `read_torch_file` (the one reader of torch files: `read_checkpoint`, `read_weights`),
+  `agreed_checkpoint`, `resume_epoch`, interrupts, `check_args`, `plot_log` (loss.png).
+No paper's choice is made here: a method passes its choices in (e.g. how many images share one
+colour draw); changing this file changes all four trainers alike.
 """
 import hashlib
 import json
 import math
 import os
-import pickle
 import pickletools
+import re
 import signal
 import socket
 import sys
@@ -41,9 +37,7 @@ ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-# ---------------------------------------------------------------------------------------
-# ResNet trunk and RoIAlign
-# ---------------------------------------------------------------------------------------
+# --- ResNet trunk and RoIAlign ---
 
 
 class ResNetTrunk(nn.Module):
@@ -57,8 +51,7 @@ class ResNetTrunk(nn.Module):
         self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
         width = 4 * 64 if arch in ("resnet50", "resnet101", "resnet152") else 64
-        self.channels = [width, 2 * width, 4 * width, 8 * width]  # c2..c5
-        self.strides = [4, 8, 16, 32]
+        self.channels, self.strides = [width, 2 * width, 4 * width, 8 * width], [4, 8, 16, 32]  # c2..c5
 
     def forward_to_res4(self, x):
         """Stem + res2..res4: the C4 detector's backbone (stride 16)."""
@@ -74,14 +67,10 @@ class ResNetTrunk(nn.Module):
 
 
 def roi_align_boxes(features, boxes, output_size, stride, sampling_ratio, batch_index=None):
-    """RoIAlign one box per row of `boxes` (N, 4) xyxy in input-image pixels.
-
-    Box i is pooled from image `batch_index[i]` (default: image i). aligned=True shifts by
-    half a pixel so that a box [0, W] covers exactly the feature map (Detectron2 convention).
-    sampling_ratio: bilinear samples per bin side; 0 = adaptive, ceil(bin size in feature
-    cells), so a bin's samples are at most one cell apart (each trainer says which it uses).
-    Returns (N, C, S, S).
-    """
+    """RoIAlign one box per row of `boxes` (N, 4) xyxy in input-image pixels -> (N, C, S, S). Box i is pooled
+    from image `batch_index[i]` (default: image i). aligned=True shifts by half a pixel so that a box [0, W]
+    covers exactly the feature map (Detectron2's convention). sampling_ratio: bilinear samples per bin side;
+    0 = adaptive, ceil(bin size in cells): samples at most one cell apart (each trainer says which it uses)."""
     if batch_index is None:
         batch_index = torch.arange(len(boxes), device=boxes.device)
     rois = torch.cat([batch_index.to(boxes.dtype)[:, None], boxes], dim=1)  # (N, 5)
@@ -90,35 +79,7 @@ def roi_align_boxes(features, boxes, output_size, stride, sampling_ratio, batch_
                                      sampling_ratio=sampling_ratio, aligned=True).to(features.dtype)
 
 
-RESNET_BY_BLOCKS = {(False, 2): "resnet18", (False, 6): "resnet34", (True, 6): "resnet50",
-                    (True, 23): "resnet101", (True, 36): "resnet152"}  # (bottleneck, blocks in layer3)
-
-
-def load_backbone(path, flag):
-    """(ResNetTrunk in eval mode, arch) from any trainer's backbone.pth (fpn./box_head. keys dropped) or
-    checkpoint.pth, or a torchvision ResNet state_dict. Anything else: a one-line error naming `flag`."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # missing file, not a torch file, or a pickle weights_only refuses
-        raise SystemExit(f"error: {flag} {path}: not a readable torch file ({type(error).__name__})")
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):  # checkpoint.pth: f_q's ResNet
-        state = {k.split("backbone.", 1)[1]: v for k, v in state["model"].items() if k.startswith("encoder_q.backbone.")}
-    state = state if isinstance(state, dict) else {}
-    blocks = 1 + max((int(k.split(".")[1]) for k in state if k.startswith("layer3.")), default=-1)
-    arch = RESNET_BY_BLOCKS.get(("layer1.0.conv3.weight" in state, blocks))
-    if arch is None:
-        raise SystemExit(f"error: {flag} {path}: no torchvision ResNet weights in it")
-    trunk = ResNetTrunk(arch)
-    try:  # strict: every trunk tensor must be there, with its shape
-        trunk.load_state_dict({k: v for k, v in state.items() if k in trunk.state_dict()})
-    except RuntimeError as error:
-        raise SystemExit(f"error: {flag} {path}: not a complete {arch} ({str(error).splitlines()[0]})")
-    return trunk.eval().requires_grad_(False), arch
-
-
-# ---------------------------------------------------------------------------------------
-# MoCo machinery: gather, queue, EMA, shuffle BN, ghost BN
-# ---------------------------------------------------------------------------------------
+# --- MoCo machinery: gather, queue, EMA, shuffle BN, ghost BN ---
 
 
 def world_size():
@@ -127,10 +88,7 @@ def world_size():
 
 @torch.no_grad()
 def concat_all_gather(tensor):
-    """Concatenate `tensor` over processes along dim 0 (rank order). Rows may differ per rank.
-
-    No gradient flows through it. No-op at world size 1.
-    """
+    """`tensor` of every process along dim 0, in rank order (rows may differ per rank); no gradient."""
     if world_size() == 1:
         return tensor
     sizes = [torch.zeros(1, dtype=torch.long, device=tensor.device) for _ in range(world_size())]
@@ -144,10 +102,8 @@ def concat_all_gather(tensor):
 
 
 class MomentumQueue(nn.Module):
-    """Ring buffer of the K most recent keys (MoCo's dictionary). Keys are all-gathered first.
-
-    `keys` starts as L2-normalised random vectors; both buffers are saved in checkpoints.
-    """
+    """Ring buffer of the K most recent keys (MoCo's dictionary), all-gathered first. `keys` starts as
+    L2-normalised random vectors; both buffers are saved in checkpoints."""
 
     def __init__(self, K, dim=128):
         super().__init__()
@@ -181,15 +137,11 @@ def _broadcast_permutation(n, device):
 
 @torch.no_grad()
 def shuffled_key_forward(fn, inputs):
-    """Shuffle BN (MoCo sec. 3.3): run `fn` on a random split of the key batch.
-
-    `inputs` is a tuple of tensors whose dim 0 is the local batch (images, boxes, ...).
-    They are gathered over processes, permuted with one permutation shared by all ranks,
-    each rank runs `fn(*slice)` once on its slice (ghost BN in `fn` splits the slice into
-    random groups of --bn-batch samples, as the paper's GPUs), and only the outputs (small
-    embeddings, dim 0 = samples) are gathered back and un-permuted.
-    Returns the outputs for this rank's own samples, in their original order.
-    """
+    """Shuffle BN (MoCo sec. 3.3): `fn` on a random split of the key batch. `inputs`: tensors whose dim 0
+    is the local batch (images, boxes, ...), gathered over processes and permuted with one permutation
+    shared by all ranks; each rank runs `fn(*slice)` once on its slice (ghost BN in `fn` splits it into
+    random groups of --bn-batch samples); only the outputs (small embeddings, dim 0 = samples) are
+    gathered back and un-permuted. Returns this rank's own samples' outputs, in their order."""
     local = len(inputs[0])
     gathered = [concat_all_gather(t) for t in inputs]  # each (world * local, ...)
     perm = _broadcast_permutation(len(gathered[0]), gathered[0].device)
@@ -205,30 +157,19 @@ def shuffled_key_forward(fn, inputs):
     return tuple(results) if len(results) > 1 else results[0]
 
 
-# NOTE: ghost BatchNorm. The papers train on 8 GPUs x 32 images with per-GPU BN (no SyncBN).
-#   Ghost BN normalises each of G = local batch / --bn-batch groups with its own statistics,
-#   so one GPU with batch 256 (G = 8) reproduces the per-GPU BN statistics of the 8-GPU recipe
-#   on both encoders (trunk, InsLoc's FPN and box head). Query: sample i is in group i % G;
-#   DistributedSampler gives rank g of 8 the samples g, g + 8, ... of the same index order, so
-#   the images sharing statistics are those of one GPU of the 8-GPU run (same --seed). Key: a
-#   random split, as shuffle BN's. Running statistics: every group's mean and unbiased variance
-#   get the usual momentum update and the G results are averaged. The EMA is linear, so this is
-#   exactly the average of the 8 ranks' running statistics. MoCo's main_moco.py wraps the model in
-#   DDP with its default broadcast_buffers=True: before every forward rank 0's buffers overwrite
-#   the others', so the statistics it saves are rank 0's EMA over rank 0's batches. Our trainers
-#   under torchrun turn the broadcast off (the queues are identical on every rank already); each
-#   rank keeps its own EMA and rank 0 saves its own, the same quantity. One process saves the mean
-#   over the G groups: the same expectation, less noise. Only the saved BatchNorm statistics
-#   differ; training uses batch statistics, so losses and weights do not. Not reproduced: the
-#   all-gather and its cost, per-rank randomness (augmentations, the random split). G = 1 is nn.BatchNorm.
+# NOTE: ghost BatchNorm. The papers train on 8 GPUs x 32 images with per-GPU BN (no SyncBN). Ghost BN
+#   normalises each of G = local batch / --bn-batch groups with its own statistics, so one GPU with
+#   batch 256 (G = 8) has the 8-GPU recipe's BN statistics on both encoders. Query: sample i is in group
+#   i % G, the samples DistributedSampler gives one of 8 ranks (same --seed); key: a random split, as
+#   shuffle BN's. Running statistics: each group's momentum update, averaged over the G groups (the EMA
+#   is linear: the mean of 8 ranks' EMAs); MoCo's DDP saves rank 0's, the same expectation with more
+#   noise. docs/ghost_batchnorm.md has the argument in full. G = 1 is nn.BatchNorm.
 
 
 def ghost_batch_norm(bn, x):
     """Training-mode BN of x (N, C, *) over G = bn.groups groups: rows g, g + G, ... share statistics.
-
-    One batch_norm call on the view (N/G, G*C, *): channel g*C + c of the view is channel c of
-    group g, with weight, bias and running statistics repeated G times.
-    """
+    One batch_norm call on the view (N/G, G*C, *): channel g*C + c of the view is channel c of group g,
+    with weight, bias and running statistics repeated G times."""
     N, C, G = x.shape[0], x.shape[1], bn.groups
     if N % G:
         raise ValueError(f"ghost BatchNorm: a batch of {N} does not split into {G} groups")
@@ -249,8 +190,8 @@ def ghost_batch_norm(bn, x):
     return y.reshape(x.shape)
 
 
-class GhostBatchNorm1d(nn.BatchNorm1d):
-    """nn.BatchNorm1d (same parameters, buffers, state_dict keys) with ghost statistics in training."""
+class GhostStatistics:
+    """Ghost statistics in training for an nn.BatchNorm subclass (same parameters, buffers, state_dict keys)."""
 
     groups = 1  # set by convert_to_ghost_batchnorm
 
@@ -258,13 +199,12 @@ class GhostBatchNorm1d(nn.BatchNorm1d):
         return ghost_batch_norm(self, x) if self.training and self.groups > 1 else super().forward(x)
 
 
-class GhostBatchNorm2d(nn.BatchNorm2d):
-    """nn.BatchNorm2d (same parameters, buffers, state_dict keys) with ghost statistics in training."""
+class GhostBatchNorm1d(GhostStatistics, nn.BatchNorm1d):
+    pass
 
-    groups = 1  # set by convert_to_ghost_batchnorm
 
-    def forward(self, x):
-        return ghost_batch_norm(self, x) if self.training and self.groups > 1 else super().forward(x)
+class GhostBatchNorm2d(GhostStatistics, nn.BatchNorm2d):
+    pass
 
 
 def convert_to_ghost_batchnorm(module, local_batch, bn_batch):
@@ -290,9 +230,75 @@ def convert_to_ghost_batchnorm(module, local_batch, bn_batch):
     return module
 
 
-# ---------------------------------------------------------------------------------------
-# Data sources: an image folder, or the synthetic toy world. Each item is (PIL RGB, target).
-# ---------------------------------------------------------------------------------------
+# --- MoCo v2's colour augmentation, batched on the training device ---
+
+# Loaders return uint8 views and colour parameters drawn with the crops (draw_colour) from the worker random
+# stream main() reseeds from (--seed, epoch, rank) each epoch: reruns and resumes replay them; nothing is saved.
+# NOTE: MoCo v2 blurs with PIL's GaussianBlur(radius=sigma): three "extended box" passes whose variance is
+# sigma^2 in exact arithmetic, each rounded to uint8. Ours is a float Gaussian of 13 taps (3 sigma at
+# sigma 2.0). On a 255 impulse their spreads (the response's std) are 0.494 / 0.971 / 2.034 px (PIL) and
+# 0.464 / 1.000 / 1.988 px (ours) at sigma 0.5 / 1 / 2: within 7%, the rest is PIL's rounding
+# (test_blur_spread_matches_pil_on_an_impulse).
+BLUR_TAPS = 13
+
+
+def draw_colour(n, generator=None):
+    """n views' parameters as RandomApply([ColorJitter(0.4, 0.4, 0.4, 0.1)], 0.8), RandomGrayscale(0.2),
+    RandomApply([blur sigma U(0.1, 2)], 0.5) draw them -> (n, 12): jitter on, 4 factors, op at position
+    0..3, gray on, blur on, sigma."""
+    u = torch.rand(n, 8, generator=generator)
+    order = torch.rand(n, 4, generator=generator).argsort(1)  # a uniform order of the 4 jitter ops
+    return torch.cat([(u[:, :1] < 0.8).float(), 0.6 + 0.8 * u[:, 1:4], 0.2 * u[:, 4:5] - 0.1, order.float(),
+                      (u[:, 5:6] < 0.2).float(), (u[:, 6:7] < 0.5).float(), 0.1 + 1.9 * u[:, 7:8]], dim=1)
+
+
+def adjust(x, op, factor):
+    """torchvision v2's adjust_<op> on floats in [0, 1], a factor per sample: x (n, ..., 3, H, W),
+    factor (n,). The k images of a sample (n, k, 3, H, W) share the factor and the contrast mean."""
+    f = factor.view(-1, *[1] * (x.dim() - 1))
+    if op == "hue":  # HSV hue rotation: RGB = V - C clamp(min(k, 4 - k), 0, 1), k = (5, 3, 1) + 6 H mod 6
+        (r, g, b), value = x.split(1, dim=-3), x.amax(-3, keepdim=True)
+        chroma = value - x.amin(-3, keepdim=True)
+        safe = torch.where(chroma > 0, chroma, 1.0)
+        hue = torch.where(value == r, (g - b) / safe, torch.where(value == g, (b - r) / safe + 2, (r - g) / safe + 4))
+        k = (x.new_tensor([5.0, 3.0, 1.0])[:, None, None] + hue + 6 * f) % 6  # hue in sixths of a turn
+        return value - chroma * torch.minimum(k, 4 - k).clamp(0, 1)
+    luma = x.new_tensor([0.2989, 0.587, 0.114])[:, None, None]
+    gray = 0.0 if op == "brightness" else (x * luma).sum(-3, keepdim=True)
+    toward = gray.mean(dim=tuple(range(1, x.dim())), keepdim=True) if op == "contrast" else gray
+    return (f * x + (1 - f) * toward).clamp(0, 1)  # grayscale = saturation 0
+
+
+def gaussian_blur(x, sigma):
+    """torchvision's gaussian_blur (BLUR_TAPS taps, reflect padding), a sigma per image: x (m, 3, H, W)."""
+    taps = torch.arange(BLUR_TAPS, device=x.device, dtype=x.dtype) - BLUR_TAPS // 2
+    kernel = torch.softmax(-0.5 * (taps / sigma[:, None]) ** 2, dim=1).repeat_interleave(3, 0)  # (3m, 13)
+    y = F.pad(x.reshape(1, -1, *x.shape[-2:]), [BLUR_TAPS // 2] * 4, mode="reflect")  # (1, 3m, H + 12, W + 12)
+    y = F.conv2d(y, kernel[:, None, None, :], groups=len(kernel))  # separable: along rows, then columns
+    return F.conv2d(y, kernel[:, None, :, None], groups=len(kernel)).reshape(x.shape)
+
+
+def photometric(x, colour):
+    """MoCo v2's colour part, then ImageNet normalisation: x uint8 (n, 3, H, W), or (n, k, 3, H, W) for k images
+    coloured as one sample (one draw, one contrast mean, one blur sigma: the caller's choice), colour (n, 12)
+    from draw_colour -> float32. Jitter ops in each sample's order, then grayscale, then blur."""
+    with torch.autocast(x.device.type, enabled=False):  # fp32: bf16 would round colours by up to 1/256
+        x, on, order = x.float() / 255, colour.cpu() > 0.5, colour[:, 5:9].cpu()  # flags on the host
+        steps = [(on[:, 0] & (order[:, p] == op), name, colour[:, 1 + op]) for p in range(4)
+                 for op, name in enumerate(("brightness", "contrast", "saturation", "hue"))]
+        for chosen, name, factor in steps + [(on[:, 9], "saturation", torch.zeros_like(colour[:, 0]))]:
+            i = torch.nonzero(chosen)[:, 0].to(x.device)
+            if len(i):
+                x[i] = adjust(x[i], name, factor[i].float())
+        i = torch.nonzero(on[:, 10])[:, 0].to(x.device)
+        if len(i):  # every image of a sample with the sample's sigma
+            images = x[i]
+            sigma = colour[i, 11].float().repeat_interleave(images[0].numel() // images.shape[-3:].numel())
+            x[i] = gaussian_blur(images.flatten(0, -4), sigma).view(images.shape)  # (m, 3, H, W) inside
+        return (x - x.new_tensor(IMAGENET_MEAN)[:, None, None]) / x.new_tensor(IMAGENET_STD)[:, None, None]
+
+
+# --- Data sources: an image folder, or the synthetic toy world. Each item is (PIL RGB, target). ---
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -314,18 +320,14 @@ def upscale_to(image, min_side):
     scale = min_side / min(image.size)
     if scale <= 1:
         return image
-    return image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
-                        Image.BICUBIC)
+    return image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.BICUBIC)
 
 
 class ImageFolderSource(torch.utils.data.Dataset):
-    """All images under `root` (recursively; `root/train` if it exists). Labels unused.
-
-    An unreadable file is warned about once and replaced by the next readable one; more than 1%
-    distinct unreadable files abort (UnreadableImages). target = {"path": path relative to root}.
-    With `min_side`, JPEGs decode at 1/2, 1/4 or 1/8 scale (PIL draft) while the shorter side stays
-    >= min_side / sqrt(0.2 * 3/4), so MoCo v2's smallest crop keeps min_side pixels a side.
-    """
+    """All images under `root` (recursively; `root/train` if it exists); target = {"path": relative to root}.
+    An unreadable file is warned about once and replaced by the next readable one; too many abort
+    (unreadable_limit). With `min_side`, JPEGs decode at 1/2, 1/4 or 1/8 scale (PIL draft) while the shorter
+    side stays >= min_side / sqrt(0.2 * 3/4), so MoCo v2's smallest crop keeps min_side pixels a side."""
 
     def __init__(self, root, min_side=0):
         if not os.path.isdir(root):
@@ -340,9 +342,8 @@ class ImageFolderSource(torch.utils.data.Dataset):
             if name.lower().endswith(IMAGE_EXTENSIONS))
         if not self.paths:
             raise SystemExit(f"error: --data {root}: no images ({', '.join(IMAGE_EXTENSIONS)}) found")
-        # A flag per file in shared memory: the DataLoader workers (forked anew each epoch) all write
-        # here, so a bad file is skipped quietly by every later worker and epoch; check_unreadable ORs
-        # the flags over ranks at epoch ends. The 1% rule counts these distinct files.
+        # A flag per file in shared memory, written by every DataLoader worker (forked anew each epoch): a bad
+        # file is skipped quietly later; check_unreadable ORs the flags over ranks at epoch ends.
         self.unreadable = torch.zeros(len(self.paths), dtype=torch.uint8).share_memory_()
 
     def __len__(self):
@@ -386,8 +387,7 @@ def unreadable_limit(n):
 
 
 def check_unreadable(source, device=None):
-    """The unreadable-file rule (unreadable_limit); with a device (epoch ends) first OR the flags over ranks,
-    which see different files."""
+    """The unreadable_limit rule; with a device (epoch ends), first OR the flags of the ranks (other files)."""
     if not isinstance(source, ImageFolderSource):
         return
     if device is not None and world_size() > 1:
@@ -399,36 +399,22 @@ def check_unreadable(source, device=None):
                                f"and over the {int(min(10, (len(source) - 1) // 2))} a small folder may skip)")
 
 
-TOY_CATEGORIES = ("circle", "square", "triangle", "star", "ring", "cross", "ellipse", "diamond")
-
-
-def _shape_mask(name, u, v):
-    """Inside-test of a unit shape; u, v are rotated coordinates in [-1, 1]."""
-    rho, phi = np.hypot(u, v), np.arctan2(v, u)
-    if name == "circle":
-        return rho <= 1
-    if name == "square":
-        return np.maximum(abs(u), abs(v)) <= 0.8
-    if name == "triangle":
-        return (abs(u) <= 0.5 * (v + 1)) & (v <= 0.8)
-    if name == "star":
-        return rho <= 0.55 + 0.4 * np.cos(5 * phi)
-    if name == "ring":
-        return (rho <= 1) & (rho >= 0.55)
-    if name == "cross":
-        return ((abs(u) <= 0.3) | (abs(v) <= 0.3)) & (np.maximum(abs(u), abs(v)) <= 1)
-    if name == "ellipse":
-        return u ** 2 + (v / 0.55) ** 2 <= 1
-    return abs(u) + abs(v) <= 1  # diamond
+SHAPES = {  # inside-tests of unit shapes: u, v rotated coordinates in [-1, 1], rho, phi their polar ones
+    "circle": lambda u, v, rho, phi: rho <= 1,
+    "square": lambda u, v, rho, phi: np.maximum(abs(u), abs(v)) <= 0.8,
+    "triangle": lambda u, v, rho, phi: (abs(u) <= 0.5 * (v + 1)) & (v <= 0.8),
+    "star": lambda u, v, rho, phi: rho <= 0.55 + 0.4 * np.cos(5 * phi),
+    "ring": lambda u, v, rho, phi: (rho <= 1) & (rho >= 0.55),
+    "cross": lambda u, v, rho, phi: ((abs(u) <= 0.3) | (abs(v) <= 0.3)) & (np.maximum(abs(u), abs(v)) <= 1),
+    "ellipse": lambda u, v, rho, phi: u ** 2 + (v / 0.55) ** 2 <= 1,
+    "diamond": lambda u, v, rho, phi: abs(u) + abs(v) <= 1}
+TOY_CATEGORIES = tuple(SHAPES)  # labels 1..8
 
 
 class ToyWorld(torch.utils.data.Dataset):
-    """The synthetic toy world (spec/toy_world.md): textured background + 1-4 shapes.
-
-    Item i is a pure function of (seed, split, i). target = {"boxes" (n, 4) xyxy float pixels
-    of the visible extent, "labels" (n,) in 1..8, "masks" (n, H, W) uint8 visible parts,
-    "mask": PIL 'L' union foreground (ground-truth saliency)}.
-    """
+    """The synthetic toy world: textured background + 1-4 shapes; item i is a pure function of (seed, split,
+    i). target = {"boxes" (n, 4) xyxy float pixels of the visible extent, "labels" (n,) in 1..8, "masks"
+    (n, H, W) uint8 visible parts, "mask": PIL 'L' union foreground (ground-truth saliency)}."""
 
     def __init__(self, num_images=5000, image_size=256, split="train", seed=0):
         self.num_images, self.image_size, self.seed = num_images, image_size, seed
@@ -458,7 +444,7 @@ class ToyWorld(torch.utils.data.Dataset):
             x0, x1, y0, y1 = int(cx - r), int(np.ceil(cx + r)) + 1, int(cy - r), int(np.ceil(cy + r)) + 1
             dx, dy = (xs[None, x0:x1] - cx) / r, (ys[y0:y1, None] - cy) / r
             u, v = dx * np.cos(theta) + dy * np.sin(theta), dy * np.cos(theta) - dx * np.sin(theta)
-            inside = _shape_mask(TOY_CATEGORIES[label - 1], u, v)
+            inside = SHAPES[TOY_CATEGORIES[label - 1]](u, v, np.hypot(u, v), np.arctan2(v, u))
             colour = rng.uniform(0, 255, 3)
             fill = np.broadcast_to(colour, inside.shape + (3,)).copy()
             if rng.random() < 0.5:  # textured fill: stripes in a second colour
@@ -491,179 +477,6 @@ def open_source(data, synthetic_images, synthetic_size, min_side=0):
     return ImageFolderSource(data, min_side)
 
 
-def _uncompressed_rle(mask):
-    """COCO's uncompressed RLE (column-major run lengths, starting with zeros)."""
-    flat = np.asarray(mask, dtype=np.uint8).flatten(order="F")
-    changes = np.flatnonzero(np.diff(flat)) + 1
-    edges = np.concatenate([[0], changes, [len(flat)]])
-    counts = np.diff(edges).tolist()
-    if flat[0] == 1:
-        counts = [0] + counts
-    return {"counts": counts, "size": list(mask.shape)}
-
-
-def write_toy_world(out_dir, num_images, split="train", image_size=256, seed=0, saliency_dir=None):
-    """Write the toy world as `out_dir/<split>/NNNNNN.png` + `out_dir/instances_<split>.json`.
-
-    Masks are stored as uncompressed RLE. With `saliency_dir`, also writes each image's
-    ground-truth foreground mask as `saliency_dir/NNNNNN.png` (the `--saliency DIR` layout).
-    """
-    world = ToyWorld(num_images, image_size, split, seed)
-    os.makedirs(os.path.join(out_dir, split), exist_ok=True)
-    if saliency_dir:
-        os.makedirs(saliency_dir, exist_ok=True)
-    images, annotations = [], []
-    for index in range(num_images):
-        image, target = world[index]
-        name = f"{index:06d}.png"
-        image.save(os.path.join(out_dir, split, name))
-        if saliency_dir:
-            target["mask"].save(os.path.join(saliency_dir, name))
-        images.append({"id": index + 1, "file_name": name, "width": image.width, "height": image.height})
-        for box, label, mask in zip(target["boxes"].tolist(), target["labels"].tolist(), target["masks"]):
-            x1, y1, x2, y2 = box
-            annotations.append({"id": len(annotations) + 1, "image_id": index + 1, "category_id": label,
-                                "bbox": [x1, y1, x2 - x1, y2 - y1], "area": int(mask.sum()),
-                                "iscrowd": 0, "segmentation": _uncompressed_rle(mask.numpy())})
-    categories = [{"id": i + 1, "name": name} for i, name in enumerate(TOY_CATEGORIES)]
-    with open(os.path.join(out_dir, f"instances_{split}.json"), "w") as f:
-        json.dump({"images": images, "annotations": annotations, "categories": categories}, f)
-    return out_dir
-
-
-class CocoSource(torch.utils.data.Dataset):
-    """A COCO-format folder: `annotations` json + `images` directory. target = {"boxes" (n, 4) xyxy
-    pixels, "labels" (n,) in 1..C, the json's category ids in sorted order}; crowd boxes skipped."""
-
-    def __init__(self, annotations, images):
-        try:
-            with open(annotations) as f:
-                coco = json.load(f)
-            ids = sorted(c["id"] for c in coco["categories"])
-            self.categories = [{c["id"]: c["name"] for c in coco["categories"]}[i] for i in ids]
-            self.root, self.images, self.objects = images, coco["images"], {image["id"]: [] for image in coco["images"]}
-            for a in coco["annotations"]:
-                if not a.get("iscrowd", 0):  # bbox is xywh
-                    self.objects[a["image_id"]].append(a["bbox"] + [ids.index(a["category_id"]) + 1])
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            raise SystemExit(f"error: --coco {annotations}: not a COCO annotation file ({type(error).__name__}: {error})")
-        if not os.path.isdir(images):
-            raise SystemExit(f"error: --coco {images}: no such directory")
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, index):
-        with open(os.path.join(self.root, self.images[index]["file_name"]), "rb") as f:
-            image = to_rgb(Image.open(f))
-        objects = torch.tensor(self.objects[self.images[index]["id"]], dtype=torch.float32).reshape(-1, 5)
-        return image, {"boxes": torchvision.ops.box_convert(objects[:, :4], "xywh", "xyxy"), "labels": objects[:, 4].long()}
-
-
-class Progress:
-    """The analysis tools' progress: `progress(done)` prints what, items done of total, elapsed and ETA, at
-    most every `every` seconds and at the end."""
-
-    def __init__(self, what, total, every=20.0):
-        self.what, self.total, self.every, self.start = what, total, every, time.time()
-        self.shown = self.start
-
-    def __call__(self, done):
-        now = time.time()
-        if now - self.shown >= self.every or done == self.total:
-            hms = lambda s: f"{int(s) // 3600}:{int(s) // 60 % 60:02d}:{int(s) % 60:02d}"
-            elapsed = now - self.start
-            print(f"{self.what}: {done}/{self.total} images, {hms(elapsed)} elapsed, "
-                  f"eta {hms(elapsed / max(done, 1) * (self.total - done))}", flush=True)
-            self.shown = now
-
-
-class HeldOut(torch.utils.data.Dataset):
-    """The analysis tools' held-out images with boxes: the toy world's val split (generated at the
-    trainers' size * 8 // 7) or a COCO-format folder (`coco` = (annotations json, image directory)),
-    each rescaled so that its shorter side is `size`, boxes with it. `source`: the images as loaded."""
-
-    def __init__(self, num_images, size, coco=None):
-        self.source = ToyWorld(num_images, size * 8 // 7, "val") if coco is None else CocoSource(*coco)
-        self.categories = list(TOY_CATEGORIES) if coco is None else self.source.categories
-        self.num_images, self.size = min(num_images, len(self.source)), size
-
-    def __len__(self):
-        return self.num_images
-
-    def __getitem__(self, index):
-        image, target = self.source[index]
-        w, h = (round(side * self.size / min(image.size)) for side in image.size)
-        xy = torch.tensor([w / image.width, h / image.height] * 2)
-        return image.resize((w, h), Image.BILINEAR), {"boxes": target["boxes"] * xy, "labels": target["labels"]}
-
-
-# ---------------------------------------------------------------------------------------
-# MoCo v2's photometric augmentation, batched on the training device; --bench-loader
-# ---------------------------------------------------------------------------------------
-
-# Loaders return uint8 views and colour parameters drawn with the crops (draw_colour) from the worker random
-# stream main() reseeds from (--seed, epoch, rank) each epoch: reruns and resumes replay them; nothing is saved.
-# NOTE: MoCo v2 blurs with PIL's GaussianBlur(radius=sigma): three "extended box" passes whose variance is
-# sigma^2 in exact arithmetic, each rounded to uint8. Ours is a float Gaussian of 13 taps (3 sigma at
-# sigma 2.0). On a 255 impulse their spreads (the response's std) are 0.494 / 0.971 / 2.034 px (PIL) and
-# 0.464 / 1.000 / 1.988 px (ours) at sigma 0.5 / 1 / 2: within 7%, the rest is PIL's rounding
-# (test_blur_spread_matches_pil_on_an_impulse).
-BLUR_TAPS = 13
-
-
-def draw_colour(n, generator=None):
-    """n views' parameters as RandomApply([ColorJitter(0.4, 0.4, 0.4, 0.1)], 0.8), RandomGrayscale(0.2), RandomApply(
-    [blur sigma U(0.1, 2)], 0.5) draw them -> (n, 12): jitter on, 4 factors, op at position 0..3, gray on, blur on, sigma."""
-    u, order = torch.rand(n, 8, generator=generator), torch.rand(n, 4, generator=generator).argsort(1)  # order: uniform
-    return torch.cat([(u[:, :1] < 0.8).float(), 0.6 + 0.8 * u[:, 1:4], 0.2 * u[:, 4:5] - 0.1, order.float(),
-                      (u[:, 5:6] < 0.2).float(), (u[:, 6:7] < 0.5).float(), 0.1 + 1.9 * u[:, 7:8]], dim=1)
-
-
-def adjust(x, op, factor):
-    """torchvision v2's adjust_<op> on floats in [0, 1], a factor per sample: x (n, ..., 3, H, W),
-    factor (n,). The images of a sample share factor and contrast mean (DetCo's 9 patches)."""
-    f = factor.view(-1, *[1] * (x.dim() - 1))
-    if op == "hue":  # HSV hue rotation: RGB = V - C clamp(min(k, 4 - k), 0, 1), k = (5, 3, 1) + 6 H mod 6
-        (r, g, b), value = x.split(1, dim=-3), x.amax(-3, keepdim=True)
-        chroma = value - x.amin(-3, keepdim=True)
-        safe = torch.where(chroma > 0, chroma, 1.0)
-        hue = torch.where(value == r, (g - b) / safe, torch.where(value == g, (b - r) / safe + 2, (r - g) / safe + 4))
-        k = (x.new_tensor([5.0, 3.0, 1.0])[:, None, None] + hue + 6 * f) % 6  # hue in sixths of a turn
-        return value - chroma * torch.minimum(k, 4 - k).clamp(0, 1)
-    gray = 0.0 if op == "brightness" else (x * x.new_tensor([0.2989, 0.587, 0.114])[:, None, None]).sum(-3, keepdim=True)
-    toward = gray.mean(dim=tuple(range(1, x.dim())), keepdim=True) if op == "contrast" else gray
-    return (f * x + (1 - f) * toward).clamp(0, 1)  # grayscale = saturation 0
-
-
-def gaussian_blur(x, sigma):
-    """torchvision's gaussian_blur (BLUR_TAPS taps, reflect padding), a sigma per image: x (m, 3, H, W)."""
-    taps = torch.arange(BLUR_TAPS, device=x.device, dtype=x.dtype) - BLUR_TAPS // 2
-    kernel = torch.softmax(-0.5 * (taps / sigma[:, None]) ** 2, dim=1).repeat_interleave(3, 0)  # (3m, 13)
-    y = F.pad(x.reshape(1, -1, *x.shape[-2:]), [BLUR_TAPS // 2] * 4, mode="reflect")  # (1, 3m, H + 12, W + 12)
-    y = F.conv2d(y, kernel[:, None, None, :], groups=len(kernel))  # separable: along rows, then columns
-    return F.conv2d(y, kernel[:, None, :, None], groups=len(kernel)).reshape(x.shape)
-
-
-def photometric(x, colour):
-    """MoCo v2's colour part, then ImageNet normalisation: x (n, ..., 3, H, W) uint8, colour (n, 12)
-    from draw_colour -> float32. Jitter ops in each sample's order, then grayscale, then blur."""
-    with torch.autocast(x.device.type, enabled=False):  # fp32: bf16 would round colours by up to 1/256
-        x, on, order = x.float() / 255, colour.cpu() > 0.5, colour[:, 5:9].cpu()  # flags on the host
-        steps = [(on[:, 0] & (order[:, p] == op), name, colour[:, 1 + op]) for p in range(4)
-                 for op, name in enumerate(("brightness", "contrast", "saturation", "hue"))]
-        for chosen, name, factor in steps + [(on[:, 9], "saturation", torch.zeros_like(colour[:, 0]))]:
-            i = torch.nonzero(chosen)[:, 0].to(x.device)
-            if len(i):
-                x[i] = adjust(x[i], name, factor[i].float())
-        i = torch.nonzero(on[:, 10])[:, 0].to(x.device)
-        if len(i):  # every image of a sample (DetCo: its 9 patches) with the sample's sigma
-            images = x[i]
-            sigma = colour[i, 11].float().repeat_interleave(images[0].numel() // images.shape[-3:].numel())
-            x[i] = gaussian_blur(images.flatten(0, -4), sigma).view(images.shape)  # (m, 3, H, W) inside
-        return (x - x.new_tensor(IMAGENET_MEAN)[:, None, None]) / x.new_tensor(IMAGENET_STD)[:, None, None]
-
-
 def bench_loader(dataset, n):
     """--bench-loader N: CPU time per item of the loader (decode + geometry), one process, one thread."""
     torch.set_num_threads(1)
@@ -671,16 +484,16 @@ def bench_loader(dataset, n):
     start = time.process_time()
     for index in range(n):
         dataset[index % len(dataset)]
-    print(f"{type(dataset).__name__}: {n} items, loader {1000 * (time.process_time() - start) / n:.2f} ms/item", flush=True)
-# ---------------------------------------------------------------------------------------
-# Resuming: a safe reader, ranks that agree, the recipe check, interrupts
-# ---------------------------------------------------------------------------------------
+    ms = 1000 * (time.process_time() - start) / n
+    print(f"{type(dataset).__name__}: {n} items, loader {ms:.2f} ms/item", flush=True)
 
-# What MAY differ between a checkpoint's args and the command that resumes it (a list of what may, so
-# that a new flag is part of the recipe until someone decides otherwise): loader processes, logging,
-# paths, bf16 on a GPU or fp32 on a CPU, the memory format, the process count (the batch is global),
-# values derived at start, how a loss is evaluated when the value is the same (dupr.py --patch-chunk).
-# --epochs may grow (resume_epoch).
+
+# --- Resuming: a safe reader, ranks that agree, the recipe check, interrupts ---
+
+# What MAY differ between a checkpoint and the command that resumes it (so a new flag is part of the recipe
+# until someone decides otherwise): loader processes, logging, paths, bf16 or fp32, the memory format, the
+# process count (the batch is global), values derived at start, how a loss is evaluated when its value is
+# the same (dupr.py --patch-chunk); --epochs may grow (resume_epoch).
 NOT_RECIPE = ("workers", "print_freq", "output_dir", "resume", "preview", "amp", "world_size", "rank", "is_main",
               "lr_actual", "epochs", "patch_chunk", "channels_last")
 
@@ -693,24 +506,42 @@ def article(word):
     return ("an " if word[0] in "aeiou" else "a ") + word
 
 
-def read_checkpoint(path, method):
-    """torch.load(weights_only=True) of a `method` checkpoint, or one line saying what the file is not."""
-    if not os.path.isfile(path) or os.path.getsize(path) == 0:
-        what = "a directory" if os.path.isdir(path) else "empty (0 bytes)" if os.path.isfile(path) else None
-        raise SystemExit(f"error: {path}: " + (f"{what}, not {article(method)} checkpoint" if what else "no such file"))
+def _names_objects(path):
+    """Whether a plain pickle names Python objects (pickletools only lists its opcodes: nothing runs)."""
+    try:
+        with open(path, "rb") as f:
+            return any("GLOBAL" in op.name for op, _, _ in pickletools.genops(f))
+    except Exception:  # not a pickle, or a cut one
+        return False
+
+
+def read_torch_file(path, where):
+    """The repository's one reader of torch files: torch.load(weights_only=True), or one line
+    `error: WHERE: ...` saying what the file is instead. A file that names Python objects is refused."""
+    what = ("no such file" if not os.path.exists(path) else "a directory, not a torch file" if os.path.isdir(path)
+            else "an empty file (0 bytes)" if os.path.getsize(path) == 0 else None)
+    if what:
+        raise SystemExit(f"error: {where}: {what}")
+    with open(path, "rb") as f:
+        head = f.read(4)
     try:
         with warnings.catch_warnings(action="ignore"):  # torch's notice on the pickle protocol of foreign files
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:  # weights_only met a global (code, a class) or no pickle at all
-        try:  # a plain pickle fails on its protocol before its globals: list its opcodes (runs nothing)
-            with open(path, "rb") as f:
-                code = "GLOBAL" in str(error) or any("GLOBAL" in op.name for op, _, _ in pickletools.genops(f))
-        except ValueError:  # not a pickle
-            code = False
-        raise SystemExit(f"error: {path}: " + ("refused: contains code objects, not only tensors (nothing was "
-                                               "run)" if code else "truncated or not a torch file")) from None
-    except (RuntimeError, EOFError, KeyError, ValueError, OSError):  # a cut zip, text, another format
-        raise SystemExit(f"error: {path}: truncated or not a torch file") from None
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # every way a file can fail to be tensors: say which one it is
+        named = re.search(r"GLOBAL (\S+)", str(error))
+        # a plain pickle fails on its protocol before torch sees its globals: list its opcodes
+        if named or head[:1] == b"\x80" and _names_objects(path):
+            raise SystemExit(f"error: {where}: refused (weights_only=True): it contains Python objects"
+                             f"{f' ({named.group(1)})' if named else ''}, not only tensors; nothing was run") from None
+        what = ("a truncated or damaged torch file (its zip cannot be read)" if head == b"PK\x03\x04"  # torch.save's
+                else "a plain Python pickle or a truncated legacy torch file" if head[:1] == b"\x80"
+                else "not a torch file (neither a zip archive nor a pickle)")
+        raise SystemExit(f"error: {where}: {what}") from None
+
+
+def read_checkpoint(path, method):
+    """A `method` checkpoint (read_torch_file), or one line saying what the file holds instead."""
+    checkpoint = read_torch_file(path, path)
     if not (isinstance(checkpoint, dict) and checkpoint.get("method") == method and "args" in checkpoint):
         held = (f"{article(checkpoint['method'])} checkpoint" if isinstance(checkpoint, dict) and "method" in checkpoint
                 else f"a state_dict of {len(checkpoint)} entries, like backbone.pth" if isinstance(checkpoint, dict)
@@ -720,6 +551,42 @@ def read_checkpoint(path, method):
     return checkpoint
 
 
+RESNET_BLOCKS = {"resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3), "resnet50": (3, 4, 6, 3),
+                 "resnet101": (3, 4, 23, 3), "resnet152": (3, 8, 36, 3)}  # residual blocks in layer1..layer4
+
+
+def resnet_arch(keys):
+    """The torchvision ResNet that state_dict keys come from (blocks per stage, basic or bottleneck), or None."""
+    blocks = tuple(1 + max((int(k.split(".")[1]) for k in keys if k.startswith(f"layer{i}.")), default=-1)
+                   for i in range(1, 5))
+    bottleneck = any(k.startswith("layer") and ".conv3." in k for k in keys)
+    return next((name for name, counts in RESNET_BLOCKS.items()
+                 if counts == blocks and bottleneck == (name not in ("resnet18", "resnet34"))), None)
+
+
+def read_weights(path, flag):
+    """Pretrained weights from any file a user may hold -> (state_dict in torchvision ResNet keys, with InsLoc's
+    fpn.* / box_head.* kept and fc.* dropped; the ResNet they are, or None). Accepted: backbone.pth, a trainer's
+    checkpoint.pth (its query encoder), a torchvision state_dict, MoCo's checkpoints (module.encoder_q.)."""
+    state = read_torch_file(path, f"{flag} {path}")
+    if torch.is_tensor(state):
+        raise SystemExit(f"error: {flag} {path}: holds a single tensor, not a state dict of named weights")
+    if not isinstance(state, dict) or not any(torch.is_tensor(v) or isinstance(v, dict) for v in state.values()):
+        raise SystemExit(f"error: {flag} {path}: holds a {type(state).__name__} without tensors, "
+                         "not a state dict of named weights")
+    for wrapper in ("model", "state_dict"):  # this repository's checkpoint.pth, MoCo's official checkpoints
+        if isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+            break
+    prefixes = (("module.encoder_q.", ""), ("encoder_q.backbone.", ""), ("encoder_q.fpn.", "fpn."),
+                ("encoder_q.box_head.", "box_head."))
+    if any(key.startswith(old) for key in state for old, _ in prefixes):  # contrastive: the query encoder only
+        state = {new + key[len(old):]: value for key, value in state.items()
+                 for old, new in prefixes if key.startswith(old)}
+    state = {key: value for key, value in state.items() if not key.startswith("fc.") and torch.is_tensor(value)}
+    return state, resnet_arch(state)
+
+
 def stop(message):
     """Stop before training, on every rank; the first process of each node says why."""
     raise SystemExit(message if int(os.environ.get("LOCAL_RANK", 0)) == 0 else 1)
@@ -727,12 +594,9 @@ def stop(message):
 
 def agreed_checkpoint(method, args):
     """The checkpoint to resume from (None: start afresh), the same on every rank, or every rank stops.
-
-    NOTE: every rank reads its own --output-dir and the ranks all-gather what they found (host,
-    sha256 of the file), rather than rank 0 loading and broadcasting: with a shared directory (the
-    usual case) this is the torch.load every rank does anyway, and a node whose local disk lacks
-    the file is named in one line instead of being sent state it never wrote (only rank 0 saves).
-    """
+    NOTE: each rank reads its own --output-dir and the ranks all-gather what they found (host, sha256),
+    rather than rank 0 broadcasting: a node whose disk lacks the file is named instead of being sent
+    state it never wrote (only rank 0 saves)."""
     path, checkpoint, found = checkpoint_path(args), None, None
     seen = f"no {path}"
     if args.resume != "none" and (args.resume != "auto" or os.path.exists(path)):
@@ -782,10 +646,9 @@ def resume_epoch(checkpoint, args):
 
 
 def raise_interrupt(signum, frame):
-    """SIGINT and SIGTERM handler (Ctrl-C; a scheduler, torchrun): a KeyboardInterrupt, which
-    `stop_interrupted` turns into one line. Loader workers that got the same signal may be dead before
-    the loader shuts down: torch's SIGCHLD check would raise then, so it is replaced first (by a no-op:
-    Python reports a pending signal whose handler became SIG_DFL as a race)."""
+    """SIGINT and SIGTERM handler: a KeyboardInterrupt, which `stop_interrupted` turns into one line. Loader
+    workers that got the signal may die before the loader shuts down, so torch's SIGCHLD check (it would
+    raise) becomes a no-op first (not SIG_DFL: Python reports a pending signal whose handler became it)."""
     signal.signal(signal.SIGCHLD, lambda signum, frame: None)
     raise KeyboardInterrupt
 
@@ -800,9 +663,7 @@ def stop_interrupted(epoch, args):
         else f"no checkpoint in {args.output_dir} yet; {rerun} to start again"))
 
 
-# ---------------------------------------------------------------------------------------
-# Plumbing of every trainer: flag checks, loss.png
-# ---------------------------------------------------------------------------------------
+# --- Plumbing of every trainer: flag checks, loss.png ---
 
 
 def batchnorm_groups(args):
@@ -826,7 +687,8 @@ def check_args(parser, args):
              "--epochs and --print-freq must be >= 1; --steps, --workers and --preview >= 0"),
             (args.batch_size < 1 or args.batch_size % world,
              f"--batch-size {args.batch_size}: must be > 0 and divide by the world size {world}"),
-            (args.bn_batch < 2 or local > args.bn_batch and local % args.bn_batch, f"--bn-batch {args.bn_batch}: must be >= 2 and divide "
+            (args.bn_batch < 2 or local > args.bn_batch and local % args.bn_batch,
+             f"--bn-batch {args.bn_batch}: must be >= 2 and divide "
              f"the per-process batch {local} (--batch-size {args.batch_size} over {world} processes)"),
             # MomentumQueue wraps around, so any K works, but one below a step's keys is no dictionary.
             (args.queue_size < args.batch_size, f"--queue-size {args.queue_size}: K must be >= the global batch"),
@@ -849,16 +711,16 @@ def font(size=13):
 
 
 def plot_log(log_path, png_path, width=960, height=660):
-    """loss.png from log.jsonl's progress rows, against the step (epoch * steps + iteration + 1): the loss
-    terms (top) and the accuracies with the data fractions (bottom, 0..1). The first K / batch steps score
-    against the queue's random initial keys (accuracy near 1, a low loss): they are shaded and, where
-    later steps exist, not drawn, so that the queue filling up does not look like divergence. PIL only."""
+    """loss.png from log.jsonl's progress rows against the step (epoch * steps + iteration + 1): loss terms
+    (top), accuracies and data fractions (bottom, 0..1). The first K / batch steps score against the queue's
+    random initial keys (accuracy near 1, a low loss): shaded and, where later steps exist, not drawn."""
     with open(log_path) as f:
         rows = list(map(json.loads, f))
     start = next((row["args"] for row in rows if row.get("event") == "start"), {})
     rows = [row for row in rows if "iteration" in row]
     filling = start.get("queue_size", 0) / max(start.get("batch_size", 1), 1)  # steps until the queue holds real keys
-    not_terms = ("epoch", "iteration", "steps", "lr", "img_per_s", "data_time", "step_time", "memory_mb", "eta_s", "elapsed_s")
+    not_terms = ("epoch", "iteration", "steps", "lr", "img_per_s", "data_time", "step_time", "memory_mb", "eta_s",
+                 "elapsed_s")
     names = [name for name, value in (rows or [{}])[0].items() if isinstance(value, float) and name not in not_terms]
     steps = [row["epoch"] * row["steps"] + row["iteration"] + 1 for row in rows] or [0]
     image, (left, right), text = Image.new("RGB", (width, height), "white"), (80, width - 180), font()

@@ -1,8 +1,7 @@
 """Detection transfer: fine-tune torchvision Faster/Mask R-CNN from a pretrained backbone.
 
-The protocol of MoCo (He et al., CVPR 2020, sec. 4.2 and appendix A.3) that DiLo, DUPR, DetCo
-and InsLoc all report, on plain torchvision models instead of detectron2, with the COCO and VOC
-evaluators written in numpy.
+The protocol of MoCo (He et al., CVPR 2020, arXiv:1911.05722, sec. 4.2, appendix A.3) that DiLo, DUPR, DetCo
+and InsLoc all report, on plain torchvision models instead of detectron2, with COCO and VOC evaluators in numpy.
 
     python detect_finetune.py --tiny --pretrained runs/dilo/backbone.pth      # toy world, CPU
     torchrun --nproc_per_node=8 detect_finetune.py --dataset voc --data-root /data/VOCdevkit \
@@ -14,54 +13,20 @@ evaluators written in numpy.
     torchrun --nnodes=2 --node_rank=0 --master_addr=HOST --master_port=29500 --nproc_per_node=8 \
         detect_finetune.py --dataset coco --data-root /data/coco --model mask-c4 --pretrained ...
 
-Models (all layers trainable, BatchNorm everywhere, SyncBatchNorm under DDP on CUDA):
-- `*-c4`: RPN on res4 (stride 16, anchors 32..512 x 0.5/1/2, top-n 12000/2000 train, 6000/1000
-  test); RoIAlign 14x14 aligned; box head = res5 (the pretrained layer4) + extra BN + avg pool.
-- `*-fpn`: ResNet + FPN with BN; RPN and RoI heads as Base-RCNN-FPN; `--box-head 4conv1fc` = InsLoc's.
-Outputs in --output-dir: checkpoint.pth (rerun = resume; at the end the trained model, without
-momentum buffers), log.jsonl, detections.json (COCO results format), metrics.json (every AP number
-+ the protocol).
-
-The protocol, row by row, against detectron2 with MoCo's configs (C4; VOC, COCO) and InsLoc's (R50-FPN,
-`--box-head 4conv1fc`); = matches, ~ differs (why). Details: docs/transfer_protocol.md.
- = schedule: VOC 24k it, steps 18k/22k, warmup 100; COCO 90k (2x 180k), steps 60k/80k, warmup 1000;
-   lr 0.02 per 16 images, momentum 0.9, wd 1e-4 (0 on norms), linear warmup from 0.001x
- ~ warmup with a shorter --iters: scaled in proportion (detectron2 keeps it; a smoke run would be all warmup)
- = input: RGB, ImageNet mean/std, random short side (VOC 480..800, COCO 640..800), max 1333, flip
- ~ padding to a multiple of 32 for C4 too (detectron2: none for C4): padded pixels only
- = all layers trainable (FREEZE_AT 0), SyncBN in ResNet, FPN, box heads, InsLoc's mask head
- = PreciseBN before evaluation over 200 batches (TEST.PRECISE_BN); here also averaged over processes
- = RPN: 256 anchors/image, 1/2 positive, IoU 0.7/0.3, NMS 0.7; C4 top-n 12000/2000 train, 6000/1000
-   test; FPN 2000 per level before NMS, 1000 per image after
- = RoI heads: 512 RoIs/image, 1/4 positive at IoU 0.5, gt added; deltas weighted (10, 10, 5, 5);
-   test score > 0.05, NMS 0.5, 100 detections; predictors N(0, .01) / N(0, .001), FPN fcs c2_xavier_fill
- = pooler: ROIAlignV2 (aligned, sampling ratio 0), FPN level floor(4 + log2(sqrt(area) / 224))
- = box heads: res5 + extra BN (MoCo's Res5ROIHeadsExtraNorm); InsLoc's 4conv+BN, fc 1024 + extra BN
- = COCO training boxes: crowds dropped, boxes clipped and kept unless empty (w or h <= 1e-5)
- ~ box / RPN regression loss: smooth L1 beta 1/9 (detectron2: L1); it lives inside torchvision's
-   RoIHeads.forward / RPN, so matching it means rewriting them
- ~ small boxes: torchvision drops predictions under 0.01 px (RPN 0.001 px); detectron2 only empty ones
- ~ C4 mask branch: res5 runs again on the positive RoIs (detectron2 reuses the box pass's features)
- ~ masks pasted by torchvision's paste_masks_in_image, not detectron2's grid_sample: edge pixels differ
- ~ bf16 autocast on CUDA (detectron2's configs: fp32)
- = evaluators: pycocotools' COCOeval (polygons rasterised as its rleFrPoly); detectron2's VOC
-   evaluator (scores to 3 and coordinates to 1 decimal, 11-point AP, IoU .50:.95), see docs/evaluators.md
-
-Pretrained files: this repo's backbone.pth (torchvision ResNet keys), its checkpoint.pth (the
-query encoder: `encoder_q.backbone.*`, InsLoc's `encoder_q.fpn.*` / `encoder_q.box_head.*`),
-torchvision classification checkpoints, official MoCo checkpoints (`module.encoder_q.*`).
-InsLoc's extra tensors load when they come from exactly these modules (key names and shapes):
-    fpn = torchvision.ops.FeaturePyramidNetwork([C2, C3, C4, C5], 256, norm_layer=nn.BatchNorm2d)
-    box_head = torchvision.models.detection.faster_rcnn.FastRCNNConvFCHead(
-        (256, 7, 7), [256, 256, 256, 256], [1024], norm_layer=nn.BatchNorm2d)
-saved as `fpn.<key>` and `box_head.<key>` (C2..C5 = ResNetTrunk.channels; the P6 max pool has no
-weights) and used by `--model faster-fpn|mask-fpn --box-head 4conv1fc`.
+Models (all layers trainable, BatchNorm everywhere, SyncBatchNorm under DDP on CUDA): `*-c4`: RPN on res4
+(stride 16), aligned RoIAlign 14x14, box head = res5 (the pretrained layer4) + extra BN + avg pool (MoCo's
+Res5ROIHeadsExtraNorm); `*-fpn`: ResNet + FPN with BN, Base-RCNN-FPN's heads or InsLoc's (--box-head 4conv1fc).
+The protocol is detectron2's with MoCo's configs (C4; VOC, COCO) and InsLoc's (R50-FPN): schedules, lr 0.02
+per 16 images, input sizes, RPN and RoI sampling, ROIAlignV2, initialisation, PreciseBN. It differs in:
+smooth L1 box losses (torchvision's), warmup scaled with a shorter --iters, C4 input padded to 32 too, tiny
+predicted boxes dropped, res5 run again for C4 masks, torchvision's mask pasting, bf16 on CUDA. Row by row:
+docs/transfer_protocol.md. The evaluators give pycocotools' and detectron2's numbers to the last digit:
+docs/evaluators.md. Outputs: checkpoint.pth (rerun = resume; at the end the trained model), log.jsonl,
+detections.json (COCO results), metrics.json (every AP number + the protocol).
 
 Expected (papers' detectron2 numbers, as collected in DUPR's Tables I and II): VOC07+12 R50-C4
 AP / AP50 / AP75 = 57.0 / 82.4 / 63.6 from MoCo v2 (200 ep), 53.5 / 81.3 / 58.8 supervised;
 COCO Mask R-CNN R50-C4 1x APbb / APmk = 38.9 / 34.2 from MoCo v2, 38.2 / 33.3 supervised.
-
-NOTE: the tiny recipe uses faster-fpn: on a 2-core CPU the C4 head (res5 per RoI) is ~10x slower.
 """
 import argparse
 import hashlib
@@ -74,7 +39,6 @@ import re
 import signal
 import sys
 import time
-import warnings
 import xml.etree.ElementTree as ElementTree
 from collections import OrderedDict
 
@@ -88,26 +52,25 @@ from torchvision.models.detection import FasterRCNN, MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
-from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
 
-from common import (IMAGENET_MEAN, IMAGENET_STD, TOY_CATEGORIES, ResNetTrunk, ToyWorld, agreed_checkpoint,
-                    checkpoint_path, stop, to_rgb)
+from common import (ARCHS, IMAGENET_MEAN, IMAGENET_STD, TOY_CATEGORIES, ResNetTrunk, ToyWorld, agreed_checkpoint,
+                    checkpoint_path, read_weights, resnet_arch, stop, to_rgb)
 
-# ---------------------------------------------------------------------------------------
-# Arguments
-# ---------------------------------------------------------------------------------------
+# --- Arguments ---
 
 SCHEDULES = {  # spec "Schedules": per dataset, the MoCo protocol's iterations, lr steps, warmup and sizes
-    "voc": dict(train_split="2007-trainval+2012-trainval", test_split="2007-test", iters=24000, lr_steps=[18000, 22000],
-                warmup=100, min_size=list(range(480, 801, 32)), test_size=800, max_size=1333),  # MoCo's VOC config
-    "coco": dict(train_split="train2017", test_split="val2017", iters=90000, lr_steps=[60000, 80000],
-                 warmup=1000, min_size=list(range(640, 801, 32)), test_size=800, max_size=1333),  # detectron2's default
+    "voc": dict(train_split="2007-trainval+2012-trainval", test_split="2007-test", iters=24000,  # MoCo's VOC config
+                lr_steps=[18000, 22000], warmup=100, min_size=list(range(480, 801, 32)), test_size=800, max_size=1333),
+    "coco": dict(train_split="train2017", test_split="val2017", iters=90000, lr_steps=[60000, 80000],  # detectron2's
+                 warmup=1000, min_size=list(range(640, 801, 32)), test_size=800, max_size=1333),
     "synthetic": dict(train_split="train", test_split="val", iters=3000, lr_steps=[2000, 2600], warmup=300,
                       min_size=[192, 224, 256], test_size=256, max_size=512),
 }
-TINY = dict(dataset="synthetic", model="faster-fpn", arch="resnet18", image_size=96, train_images=400, test_images=50, iters=200,
-            lr_steps=[150, 180], batch_size=2, lr=0.04, min_size=[80, 96], test_size=96, max_size=160, roi_batch_size=32,
-            precise_bn_iters=20, workers=1, print_freq=10, save_freq=100)
+# NOTE: the tiny recipe uses faster-fpn: on a 2-core CPU the C4 head (res5 per RoI) is ~10x slower
+TINY = dict(dataset="synthetic", model="faster-fpn", arch="resnet18", image_size=96, train_images=400,
+            test_images=50, iters=200, lr_steps=[150, 180], batch_size=2, lr=0.04, min_size=[80, 96], test_size=96,
+            max_size=160, roi_batch_size=32, precise_bn_iters=20, workers=1, print_freq=10, save_freq=100)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -131,49 +94,57 @@ def number(kind, low, strict=False):
 def get_args(argv=None):
     parser = argparse.ArgumentParser(description="Faster/Mask R-CNN detection transfer", formatter_class=HelpFormatter)
     positive, count = number(int, 1), number(int, 0)
-    parser.add_argument("--dataset", default="voc", choices=["voc", "coco", "synthetic"], help="synthetic = the toy world")
-    parser.add_argument("--data-root", default=None,
-                        help="VOCdevkit, or a folder with <split>/ + [annotations/]instances_<split>.json (default: none; voc and coco need it)")
+    parser.add_argument("--dataset", default="voc", choices=["voc", "coco", "synthetic"], help="synthetic: toy world")
+    parser.add_argument("--data-root", default=None, help="VOCdevkit, or a folder with <split>/ + "
+                        "[annotations/]instances_<split>.json (default: none; voc and coco need it)")
     parser.add_argument("--train-split", default=None, help="default: voc 2007-trainval+2012-trainval, coco train2017")
     parser.add_argument("--test-split", default=None, help="default: voc 2007-test, coco val2017")
     parser.add_argument("--model", default="faster-c4", choices=["faster-c4", "faster-fpn", "mask-c4", "mask-fpn"],
                         help="Faster or Mask R-CNN, on res4 (C4, MoCo's) or on an FPN")
     parser.add_argument("--box-head", default="2mlp", choices=["2mlp", "4conv1fc"],
                         help="FPN box head; 4conv1fc: InsLoc's, BN + an extra BN after fc1 (and BN in the mask head)")
-    parser.add_argument("--arch", default="resnet50", choices=["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"],
-                        help="torchvision ResNet")
-    parser.add_argument("--pretrained", default="none", help="this repo's backbone.pth / checkpoint.pth, torchvision or MoCo file, or 'none'")
-    parser.add_argument("--load", default="all", choices=["backbone", "all"], help="all: also InsLoc's fpn./box_head. tensors")
+    parser.add_argument("--arch", default="resnet50", choices=ARCHS, help="torchvision ResNet")
+    parser.add_argument("--pretrained", default="none",
+                        help="this repo's backbone.pth / checkpoint.pth, torchvision or MoCo file, or 'none'")
+    parser.add_argument("--load", default="all", choices=["backbone", "all"], help="all: also InsLoc's fpn., box_head.")
     parser.add_argument("--allow-missing", action="store_true", help="allow backbone keys missing from --pretrained")
     parser.add_argument("--schedule", default="1x", choices=["1x", "2x"], help="COCO: 90k or 180k iterations")
-    parser.add_argument("--iters", type=positive, default=None, help="training iterations (default: voc 24000, coco 90000, synthetic 3000)")
+    parser.add_argument("--iters", type=positive, default=None,
+                        help="training iterations (default: voc 24000, coco 90000, synthetic 3000)")
     parser.add_argument("--lr-steps", type=positive, nargs="+", default=None,
                         help="iterations where lr is multiplied by 0.1 (default: voc 18000 22000, coco 60000 80000)")
-    parser.add_argument("--warmup", type=count, default=None, help="linear warmup iterations (default: voc 100, coco 1000, "
-                        "synthetic 300, scaled by --iters / the dataset's iterations)")
+    parser.add_argument("--warmup", type=count, default=None, help="linear warmup iterations (default: voc 100, "
+                        "coco 1000, synthetic 300, scaled by --iters / the dataset's iterations)")
     parser.add_argument("--batch-size", type=positive, default=16, help="global batch (images) over all processes")
-    parser.add_argument("--lr", type=number(float, 0, strict=True), default=0.02, help="base lr per 16 images (scaled linearly)")
+    parser.add_argument("--lr", type=number(float, 0, strict=True), default=0.02,
+                        help="base lr per 16 images (scaled linearly)")
     parser.add_argument("--wd", type=number(float, 0), default=1e-4, help="weight decay (not on norm layers)")
-    parser.add_argument("--min-size", type=positive, nargs="+", default=None,
-                        help="training short sides, pixels, one at random per image (default: voc 480..800, coco 640..800, step 32)")
-    parser.add_argument("--test-size", type=positive, default=None, help="test short side, pixels (default: 800; synthetic 256)")
-    parser.add_argument("--max-size", type=positive, default=None, help="cap on the long side, pixels (default: 1333; synthetic 512)")
+    parser.add_argument("--min-size", type=positive, nargs="+", default=None, help="training short sides, pixels, "
+                        "one at random per image (default: voc 480..800, coco 640..800, step 32)")
+    parser.add_argument("--test-size", type=positive, default=None,
+                        help="test short side, pixels (default: 800; synthetic 256)")
+    parser.add_argument("--max-size", type=positive, default=None,
+                        help="cap on the long side, pixels (default: 1333; synthetic 512)")
     parser.add_argument("--roi-batch-size", type=positive, default=512, help="RoIs sampled per image for the box head")
-    parser.add_argument("--max-detections", type=positive, default=100, help="detections kept per image (COCO's maxDets 100)")
-    parser.add_argument("--precise-bn-iters", type=count, default=200,
-                        help="PreciseBN: training batches that recompute BN statistics before evaluation (at most --iters); 0 = off")
-    parser.add_argument("--image-size", type=number(int, 32), default=256, help="synthetic: toy world image side, pixels")
+    parser.add_argument("--max-detections", type=positive, default=100, help="detections per image (COCO's maxDets)")
+    parser.add_argument("--precise-bn-iters", type=count, default=200, help="PreciseBN: training batches that "
+                        "recompute BN statistics before evaluation (at most --iters); 0 = off")
+    parser.add_argument("--image-size", type=number(int, 32), default=256, help="synthetic: image side, pixels")
     parser.add_argument("--train-images", type=positive, default=5000, help="synthetic: training images")
-    parser.add_argument("--test-images", type=count, default=None, help="evaluate on the first N test images, 0 = all (default: all; synthetic 500)")
+    parser.add_argument("--test-images", type=count, default=None,
+                        help="evaluate on the first N test images, 0 = all (default: all; synthetic 500)")
     parser.add_argument("--workers", type=count, default=4, help="data loader workers per process")
-    parser.add_argument("--output-dir", default="runs/detect", help="checkpoint.pth, log.jsonl, detections.json, metrics.json")
-    parser.add_argument("--resume", default="auto", help="'auto' (output-dir/checkpoint.pth if present), a path, or 'none'")
+    parser.add_argument("--output-dir", default="runs/detect",
+                        help="checkpoint.pth, log.jsonl, detections.json, metrics.json")
+    parser.add_argument("--resume", default="auto", help="'auto' (output-dir/checkpoint.pth if any), a path, or 'none'")
     parser.add_argument("--eval-only", action="store_true", help="evaluate the (resumed or pretrained) model and exit")
-    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on for CUDA)")
+    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                        help="bf16 autocast (default: on for CUDA)")
     parser.add_argument("--print-freq", type=positive, default=20, help="iterations between log lines")
     parser.add_argument("--save-freq", type=positive, default=2000, help="iterations between checkpoints")
     parser.add_argument("--seed", type=int, default=0, help="seeds the data order, flips and initialisation")
-    parser.add_argument("--tiny", action="store_true", help="CPU-sized recipe: " + " ".join(f"{k}={v}" for k, v in TINY.items()))
+    parser.add_argument("--tiny", action="store_true",
+                        help="CPU-sized recipe: " + " ".join(f"{k}={v}" for k, v in TINY.items()))
     args = parser.parse_args(argv)
     if args.tiny:  # the tiny recipe replaces defaults only: explicit flags still win
         parser.set_defaults(**TINY)
@@ -181,13 +152,13 @@ def get_args(argv=None):
     schedule = dict(SCHEDULES[args.dataset])
     if args.dataset == "coco" and args.schedule == "2x":
         schedule.update(iters=180000, lr_steps=[120000, 160000])
-    args.precise_bn_iters = min(args.precise_bn_iters, args.iters or schedule["iters"])  # a 1-iteration smoke run needs 1
+    args.precise_bn_iters = min(args.precise_bn_iters, args.iters or schedule["iters"])  # a 1-iteration run needs 1
     if args.warmup is None:  # NOTE: detectron2 does not scale warmup; here it does when --iters shortens the schedule
         args.warmup = round(schedule["warmup"] * (args.iters or schedule["iters"]) / schedule["iters"])
     for name, value in schedule.items():
         if getattr(args, name, None) is None:
             setattr(args, name, value)
-    args.test_images = args.test_images or (500 if args.dataset == "synthetic" else 0)  # the toy world has no fixed test set
+    args.test_images = args.test_images or (500 if args.dataset == "synthetic" else 0)  # the toy world: no fixed set
     if args.model.startswith("mask") and args.dataset == "voc":
         parser.error(f"--model {args.model} needs instance masks: use --dataset coco or synthetic")
     if args.box_head == "4conv1fc" and not args.model.endswith("fpn"):
@@ -197,21 +168,16 @@ def get_args(argv=None):
     return args
 
 
-# ---------------------------------------------------------------------------------------
-# Data: VOC (XML), COCO (json: polygons, RLE, crowds), the synthetic toy world
+# --- Data: VOC (XML), COCO (json: polygons, RLE, crowds), the synthetic toy world ---
 # Every item is (PIL RGB image, target {"boxes" xyxy, "labels" 1..C, ["masks"], "image_id"}).
-# ---------------------------------------------------------------------------------------
 
 VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
                "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor")
 
 
 class VOCDetection(torch.utils.data.Dataset):
-    """VOCdevkit; split "2007-trainval+2012-trainval" = the union of those ImageSets/Main lists.
-
-    Boxes are (xmin - 1, ymin - 1, xmax, ymax), detectron2's reading of VOC's 1-based pixels;
-    difficult objects are kept for training ("difficult" marks them for the evaluator).
-    """
+    """VOCdevkit; split "2007-trainval+2012-trainval" = the union of those ImageSets/Main lists. Boxes: (xmin - 1,
+    ymin - 1, xmax, ymax) as detectron2 reads VOC's 1-based pixels; "difficult" ones train, the evaluator ignores."""
 
     def __init__(self, root, split, train):
         self.items, self.train = [], train
@@ -247,8 +213,8 @@ class VOCDetection(torch.utils.data.Dataset):
         boxes = [[float(o.find("bndbox").find(k).text) for k in ("xmin", "ymin", "xmax", "ymax")] for o in objects]
         labels = [VOC_CLASSES.index(o.find("name").text.strip()) + 1 for o in objects]
         difficult = [int(o.find("difficult").text) if o.find("difficult") is not None else 0 for o in objects]
-        size = root.find("size")
-        return np.array(boxes).reshape(-1, 4), labels, difficult, (int(size.find("width").text), int(size.find("height").text))
+        width, height = (int(root.find("size").find(side).text) for side in ("width", "height"))
+        return np.array(boxes).reshape(-1, 4), labels, difficult, (width, height)
 
     def aspect_groups(self):
         return [int(w >= h) for w, h in (self.annotation(i)[3] for i in range(len(self)))]
@@ -258,17 +224,14 @@ class VOCDetection(torch.utils.data.Dataset):
         image = to_rgb(Image.open(os.path.join(folder, "JPEGImages", f"{name}.jpg")))
         boxes, labels, difficult, _ = self.annotation(index)
         boxes[:, :2] -= 1
-        return image, {"boxes": torch.tensor(boxes, dtype=torch.float32), "labels": torch.tensor(labels, dtype=torch.int64),
-                       "difficult": torch.tensor(difficult, dtype=torch.bool), "image_id": index}  # position in the split
+        return image, {"boxes": torch.tensor(boxes, dtype=torch.float32),
+                       "labels": torch.tensor(labels, dtype=torch.int64),
+                       "difficult": torch.tensor(difficult, dtype=torch.bool), "image_id": index}  # place in the split
 
 
 class COCODetection(torch.utils.data.Dataset):
-    """COCO-format json (`root/annotations/instances_<split>.json` or `root/instances_<split>.json`,
-    images in `root/<split>/`): polygons, RLE, crowds. Labels are 1..C in sorted category-id order.
-
-    Training, as detectron2: crowd boxes are dropped, boxes are clipped to the image and kept unless empty
-    (w or h <= 1e-5; torchvision's model refuses w or h <= 0), images left without a box are skipped.
-    """
+    """COCO-format json (`root/[annotations/]instances_<split>.json`, images in `root/<split>/`), labels 1..C in
+    sorted category-id order. Training, as detectron2: no crowds; boxes clipped, kept unless w or h <= 1e-5."""
 
     def __init__(self, root, split, train):
         path = os.path.join(root, "annotations", f"instances_{split}.json")
@@ -296,9 +259,11 @@ class COCODetection(torch.utils.data.Dataset):
         self.annotations = {image["id"]: [] for image in self.coco["images"]}
         sizes = {image["id"]: (image["width"], image["height"]) for image in self.coco["images"]}
         for a in self.coco["annotations"]:
-            if a["image_id"] in self.annotations and not (train and (a.get("iscrowd", 0) or empty_box(a["bbox"], *sizes[a["image_id"]]))):
+            if a["image_id"] in self.annotations and not (
+                    train and (a.get("iscrowd", 0) or empty_box(a["bbox"], *sizes[a["image_id"]]))):
                 self.annotations[a["image_id"]].append(a)
-        self.images = [i for i in sorted(self.coco["images"], key=lambda i: i["id"]) if self.annotations[i["id"]] or not train]
+        self.images = [i for i in sorted(self.coco["images"], key=lambda i: i["id"])
+                       if self.annotations[i["id"]] or not train]
 
     def __len__(self):
         return len(self.images)
@@ -314,11 +279,11 @@ class COCODetection(torch.utils.data.Dataset):
         boxes = torch.tensor([a["bbox"] for a in annotations], dtype=torch.float32).reshape(-1, 4)
         boxes[:, 2:] += boxes[:, :2]  # xywh -> xyxy
         boxes[:, 0::2], boxes[:, 1::2] = boxes[:, 0::2].clamp(0, image.width), boxes[:, 1::2].clamp(0, image.height)
-        target = {"boxes": boxes, "labels": torch.tensor([self.label[a["category_id"]] for a in annotations], dtype=torch.int64),
-                  "image_id": info["id"]}
-        if "segmentation" in (annotations[0] if annotations else {}):
+        labels = torch.tensor([self.label[a["category_id"]] for a in annotations], dtype=torch.int64)
+        target = {"boxes": boxes, "labels": labels, "image_id": info["id"]}
+        if "segmentation" in (annotations[0] if annotations else {}):  # then there is at least one mask
             masks = [mask_from_segmentation(a["segmentation"], image.height, image.width) for a in annotations]
-            target["masks"] = torch.from_numpy(np.stack(masks)) if masks else torch.zeros((0, image.height, image.width), dtype=torch.uint8)
+            target["masks"] = torch.from_numpy(np.stack(masks))
         return image, target
 
 
@@ -343,7 +308,7 @@ class SyntheticDetection(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         image, target = self.world[index]
-        return image, {"boxes": target["boxes"], "labels": target["labels"], "masks": target["masks"], "image_id": index + 1}
+        return image, {**{key: target[key] for key in ("boxes", "labels", "masks")}, "image_id": index + 1}
 
 
 def open_dataset(args, train):
@@ -356,8 +321,7 @@ def open_dataset(args, train):
 
 
 class DetectionTransform:
-    """PIL image -> float tensor in [0, 1]; in training also the horizontal flip (p 0.5) that the sampler drew.
-    Resizing (random short side) and normalisation happen in the model's GeneralizedRCNNTransform."""
+    """PIL image -> float tensor in [0, 1], flipped as the sampler drew; the model's transform resizes, normalises."""
 
     def __init__(self, dataset, train):
         self.dataset, self.train = dataset, train
@@ -380,9 +344,8 @@ class DetectionTransform:
 
 
 class GroupedInfiniteSampler(torch.utils.data.Sampler):
-    """Endless per-rank batches of (index, flip): permutation p of epoch e and every image's flip are seeded by
-    (seed, e) and split over ranks; landscape and portrait images fill separate batches (aspect-ratio grouping,
-    less padding). `start` batches are skipped, so a resumed run sees the data and flips an uninterrupted one would."""
+    """Endless per-rank batches of (index, flip): each epoch's permutation and flips, seeded by (seed, epoch), split
+    over ranks; landscape / portrait images fill separate batches; `start` batches are skipped (an exact resume)."""
 
     def __init__(self, groups, batch_size, rank, world_size, seed, start=0):
         self.groups, self.batch_size, self.rank, self.world_size = groups, batch_size, rank, world_size
@@ -409,9 +372,7 @@ def collate(batch):  # detection batches are lists: images differ in size
     return tuple(zip(*batch))
 
 
-# ---------------------------------------------------------------------------------------
-# Model: torchvision Faster/Mask R-CNN with the MoCo C4 parts, or ResNet + FPN
-# ---------------------------------------------------------------------------------------
+# --- Model: torchvision Faster/Mask R-CNN with the MoCo C4 parts, or ResNet + FPN ---
 
 
 class C4Backbone(nn.Module):
@@ -426,17 +387,16 @@ class C4Backbone(nn.Module):
 
 
 class AlignedRoIAlign(torchvision.ops.MultiScaleRoIAlign):
-    """detectron2's ROIAlignV2 pooler: RoIAlign with aligned=True (pixel centres at +0.5) and sampling ratio 0
-    (adaptive: ceil(RoI size / output size) samples per bin), on one map (C4) or on the FPN level of
-    detectron2's assign_boxes_to_levels: k = floor(4 + log2(sqrt(area) / 224 + 1e-8)), clamped to P2..P5.
-    torchvision's MultiScaleRoIAlign (whose type FasterRCNN insists on) has no `aligned` option."""
+    """detectron2's ROIAlignV2: aligned=True, sampling ratio 0 (adaptive), on one map (C4) or on FPN level floor(4 +
+    log2(sqrt(area) / 224 + 1e-8)) in P2..P5. torchvision's MultiScaleRoIAlign (FasterRCNN's type) is not aligned."""
 
     def __init__(self, output_size, strides):
         super().__init__([str(level) for level in range(len(strides))], output_size, sampling_ratio=0)
         self.output_size, self.strides = output_size, strides
 
     def forward(self, features, proposals, image_shapes):
-        rois = torch.cat([torch.cat([torch.full_like(p[:, :1], i), p], 1) for i, p in enumerate(proposals)])  # (R, 5)
+        rois = torch.cat([torch.cat([torch.full_like(p[:, :1], i), p], 1)
+                          for i, p in enumerate(proposals)])  # (R, 5): image index, box
         maps = [features[name] for name in self.featmap_names]
         level = torch.zeros(len(rois), dtype=torch.int64, device=rois.device)
         if len(maps) > 1:
@@ -452,8 +412,7 @@ class AlignedRoIAlign(torchvision.ops.MultiScaleRoIAlign):
 
 
 class Res5BoxHead(nn.Module):
-    """MoCo's Res5ROIHeadsExtraNorm: res5 (the pretrained layer4; stride 2: 14x14 -> 7x7), an extra
-    BatchNorm, global average pooling."""
+    """MoCo's Res5ROIHeadsExtraNorm: res5 (the pretrained layer4; stride 2: 14x14 -> 7x7), extra BN, average pool."""
 
     def __init__(self, res5, channels):
         super().__init__()
@@ -467,11 +426,8 @@ class Res5BoxHead(nn.Module):
 
 
 class SharedRes5MaskHead(nn.Module):
-    """The C4 mask branch runs the box head's res5 (same weights) on the positive RoIs.
-
-    NOTE: detectron2 reuses the res5 features of the box pass; torchvision's RoIHeads pools mask
-    RoIs separately, so res5 runs again on the positives (the extra BN sees only positives).
-    """
+    """The C4 mask branch: the box head's res5 (same weights) on the positive RoIs. NOTE: detectron2 reuses the box
+    pass's res5 features; torchvision's RoIHeads pools mask RoIs apart, so res5 runs again (its BN sees positives)."""
 
     def __init__(self, box_head):
         super().__init__()
@@ -487,16 +443,15 @@ class FPNBackbone(nn.Module):
     def __init__(self, trunk):
         super().__init__()
         self.body, self.out_channels = trunk, 256
-        self.fpn = torchvision.ops.FeaturePyramidNetwork(trunk.channels, 256, extra_blocks=LastLevelMaxPool(), norm_layer=nn.BatchNorm2d)
+        self.fpn = FeaturePyramidNetwork(trunk.channels, 256, LastLevelMaxPool(), norm_layer=nn.BatchNorm2d)  # + P6
 
     def forward(self, x):
         return self.fpn(OrderedDict((str(level), c) for level, c in enumerate(self.body(x))))  # "0".."3", "pool"
 
 
 class ConvFCHeadExtraNorm(FastRCNNConvFCHead):
-    """InsLoc's FastRCNNConvFCHeadExtraNorm: 4 x (conv 3x3 + BN + ReLU), fc1 (1024) + ReLU, then an extra
-    BN over fc1's outputs. Modules 0..5 are exactly insloc.py's exported box head (`box_head.` keys);
-    the extra norm (module 7) is new at fine-tuning, as in InsLoc's release (its converter maps fc1 only)."""
+    """InsLoc's FastRCNNConvFCHeadExtraNorm: 4 x (conv 3x3 + BN + ReLU), fc1 (1024) + ReLU, extra BN. Modules 0..5
+    are insloc.py's exported `box_head.`; the extra BN (7) is new at fine-tuning, as in InsLoc's release."""
 
     def __init__(self):
         super().__init__((256, 7, 7), [256] * 4, [1024], norm_layer=nn.BatchNorm2d)
@@ -507,27 +462,29 @@ def build_model(args, num_classes):
     """num_classes excludes the background. Every layer is trainable, plain BatchNorm everywhere."""
     trunk = ResNetTrunk(args.arch)
     C5 = trunk.channels[3]
-    options = dict(min_size=tuple(args.min_size), max_size=args.max_size, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD,
-                   box_batch_size_per_image=args.roi_batch_size, box_detections_per_img=args.max_detections)
+    options = dict(min_size=tuple(args.min_size), max_size=args.max_size, image_mean=IMAGENET_MEAN,
+                   image_std=IMAGENET_STD, box_batch_size_per_image=args.roi_batch_size,
+                   box_detections_per_img=args.max_detections)
     if args.model.endswith("c4"):
         box_head = Res5BoxHead(trunk.layer4, C5)
         del trunk.layer4  # res5 now lives in the box head (its keys: roi_heads.box_head.res5.*)
         backbone = C4Backbone(trunk)
         options.update(rpn_anchor_generator=AnchorGenerator(((32, 64, 128, 256, 512),), ((0.5, 1.0, 2.0),)),
-                       rpn_pre_nms_top_n_train=12000, rpn_post_nms_top_n_train=2000,
-                       rpn_pre_nms_top_n_test=6000, rpn_post_nms_top_n_test=1000,
-                       box_roi_pool=AlignedRoIAlign(14, [16]), box_head=box_head, box_predictor=FastRCNNPredictor(C5, num_classes + 1))
+                       rpn_pre_nms_top_n_train=12000, rpn_post_nms_top_n_train=2000, rpn_pre_nms_top_n_test=6000,
+                       rpn_post_nms_top_n_test=1000, box_roi_pool=AlignedRoIAlign(14, [16]), box_head=box_head,
+                       box_predictor=FastRCNNPredictor(C5, num_classes + 1))
         if args.model == "mask-c4":  # 7x7 res5 features -> 2x transposed conv (256) -> 1x1 class conv: 14x14 masks
             options.update(mask_roi_pool=AlignedRoIAlign(14, [16]), mask_head=SharedRes5MaskHead(box_head),
                            mask_predictor=MaskRCNNPredictor(C5, 256, num_classes + 1))
-    else:  # Base-RCNN-FPN: RoIs pooled 7x7 (boxes) / 14x14 (masks) from P2..P5; 1000 proposals per image in training
+    else:  # Base-RCNN-FPN: RoIs pooled 7x7 (boxes) / 14x14 (masks) from P2..P5; 1000 proposals per image (training)
         backbone = FPNBackbone(trunk)
         options.update(rpn_post_nms_top_n_train=1000, box_roi_pool=AlignedRoIAlign(7, [4, 8, 16, 32]))
-        box_head = ConvFCHeadExtraNorm() if args.box_head == "4conv1fc" else TwoMLPHead(256 * 7 * 7, 1024)  # InsLoc's / fc, fc
+        box_head = ConvFCHeadExtraNorm() if args.box_head == "4conv1fc" else TwoMLPHead(256 * 7 * 7, 1024)
         options.update(box_head=box_head, box_predictor=FastRCNNPredictor(1024, num_classes + 1))
-        if args.model == "mask-fpn":  # 4 x (conv 3x3 [+ BN] + ReLU) -> 2x transposed conv -> 1x1 class conv: 28x28 masks
-            norm = nn.BatchNorm2d if args.box_head == "4conv1fc" else None  # InsLoc's mask head has BN (ROI_MASK_HEAD.NORM)
-            options.update(mask_roi_pool=AlignedRoIAlign(14, [4, 8, 16, 32]), mask_head=MaskRCNNHeads(256, [256] * 4, 1, norm_layer=norm),
+        if args.model == "mask-fpn":  # 4 x (conv 3x3 [+ BN] + ReLU) -> 2x deconv -> 1x1 class conv: 28x28 masks
+            norm = nn.BatchNorm2d if args.box_head == "4conv1fc" else None  # InsLoc's has BN (ROI_MASK_HEAD.NORM)
+            options.update(mask_roi_pool=AlignedRoIAlign(14, [4, 8, 16, 32]),
+                           mask_head=MaskRCNNHeads(256, [256] * 4, 1, norm_layer=norm),
                            mask_predictor=MaskRCNNPredictor(256, 256, num_classes + 1))
     detector = (MaskRCNN if args.model.startswith("mask") else FasterRCNN)(backbone, **options)
     detectron2_init(detector.roi_heads, fpn=args.model.endswith("fpn"))
@@ -535,9 +492,8 @@ def build_model(args, num_classes):
 
 
 def detectron2_init(heads, fpn):
-    """detectron2's initialisation where torchvision's differs: class scores N(0, 0.01), box deltas and mask
-    logits N(0, 0.001), zero biases; FPN box heads: fc layers c2_xavier_fill (kaiming uniform, a=1), convs
-    c2_msra_fill (kaiming normal, fan_out). The C4 box head is res5, i.e. the pretrained layer4."""
+    """detectron2's init where torchvision's differs: class scores N(0, 0.01), box deltas and mask logits N(0, 0.001),
+    zero biases; FPN box heads: fcs c2_xavier_fill (kaiming uniform, a=1), convs c2_msra_fill (kaiming normal)."""
     layers = [(heads.box_predictor.cls_score, 0.01), (heads.box_predictor.bbox_pred, 0.001)]
     layers += [(heads.mask_predictor.mask_fcn_logits, 0.001)] if heads.has_mask() else []
     for layer, std in layers:
@@ -552,108 +508,49 @@ def detectron2_init(heads, fpn):
             nn.init.zeros_(m.bias)
 
 
-def read_weights(path):
-    """torch.load(weights_only=True), with one line for each kind of file that holds no weights."""
-    where = f"error: --pretrained {path}"
-    if not os.path.exists(path):
-        raise SystemExit(f"{where}: no such file")
-    if os.path.isdir(path):
-        raise SystemExit(f"{where} is a directory, not a weights file")
-    if os.path.getsize(path) == 0:
-        raise SystemExit(f"{where} is an empty file")
-    with open(path, "rb") as f:
-        head = f.read(4)
-    try:
-        with warnings.catch_warnings():  # torch warns about pickle protocols before refusing a plain pickle
-            warnings.simplefilter("ignore")
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # every way a file can fail to be weights: name which one it is
-        blocked = re.search(r"GLOBAL (\S+)", str(error))
-        if blocked:
-            raise SystemExit(f"{where} refused (weights_only=True): it contains Python objects ({blocked.group(1)}), not only tensors")
-        if head == b"PK\x03\x04":  # torch.save's zip format
-            raise SystemExit(f"{where} is a truncated or damaged torch file (its zip archive cannot be read)")
-        if head[:1] == b"\x80":  # a pickle: torch's legacy format or a plain Python pickle
-            raise SystemExit(f"{where} is a plain Python pickle or a truncated legacy torch file, not a weights file")
-        raise SystemExit(f"{where} is not a torch file (neither a zip archive nor a pickle)")
-    if torch.is_tensor(state):
-        raise SystemExit(f"{where} holds a single tensor, not a state dict of named weights")
-    if not isinstance(state, dict) or not any(torch.is_tensor(v) or isinstance(v, dict) for v in state.values()):
-        raise SystemExit(f"{where} holds a {type(state).__name__} without tensors, not a state dict of named weights")
-    return state
-
-
-def pretrained_state_dict(path):
-    """Any accepted --pretrained file -> torchvision ResNet keys (+ InsLoc's fpn.* / box_head.*)."""
-    state = read_weights(path)
-    for wrapper in ("model", "state_dict"):  # this repo's checkpoint.pth, MoCo's official checkpoints
-        if isinstance(state.get(wrapper), dict):
-            state = state[wrapper]
-            break
-    prefixes = (("module.encoder_q.", ""), ("encoder_q.backbone.", ""), ("encoder_q.fpn.", "fpn."), ("encoder_q.box_head.", "box_head."))
-    if any(key.startswith(old) for key in state for old, _ in prefixes):  # contrastive: the query encoder only
-        state = {new + key[len(old):]: value for key, value in state.items() for old, new in prefixes if key.startswith(old)}
-    return {key: value for key, value in state.items() if not key.startswith("fc.") and torch.is_tensor(value)}  # no classifier
-
-
-RESNET_BLOCKS = {"resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3), "resnet50": (3, 4, 6, 3), "resnet101": (3, 4, 23, 3),
-                 "resnet152": (3, 8, 36, 3)}  # residual blocks in layer1..layer4
-
-
-def resnet_depth(keys):
-    """The torchvision ResNet that ResNet keys come from (blocks per stage, basic or bottleneck), or None."""
-    blocks = tuple(1 + max((int(k.split(".")[1]) for k in keys if k.startswith(f"layer{i}.")), default=-1) for i in range(1, 5))
-    bottleneck = any(".conv3." in k for k in keys)
-    names = [name for name, counts in RESNET_BLOCKS.items() if counts == blocks and bottleneck == (name not in ("resnet18", "resnet34"))]
-    return names[0] if names else None
-
-
 def detector_key(key, model_keys):
     """torchvision ResNet / InsLoc key -> the detector's key (None if the model has no such tensor)."""
-    if key.startswith("fpn."):
-        new = "backbone." + key
-    elif key.startswith("box_head."):
-        new = "roi_heads." + key
-    elif key.startswith("layer4.") and "backbone.body.layer4.0.conv1.weight" not in model_keys:  # C4: res5 in the box head
-        new = "roi_heads.box_head.res5." + key[len("layer4."):]
-    else:
-        new = "backbone.body." + key
+    c4 = "backbone.body.layer4.0.conv1.weight" not in model_keys  # res5 (layer4) is in the box head
+    new = ("backbone." + key if key.startswith("fpn.") else "roi_heads." + key if key.startswith("box_head.")
+           else "roi_heads.box_head.res5." + key[len("layer4."):] if key.startswith("layer4.") and c4
+           else "backbone.body." + key)
     return new if new in model_keys else None
 
 
 def load_pretrained(model, args, source=None):
-    """Load --pretrained into the detector. Missing backbone keys, ResNet keys the model lacks, and shape
-    mismatches are errors (naming the ResNet the file looks like); the report is a short summary on the
-    console, the full key lists go to log.jsonl."""
+    """Load --pretrained (`source`: common.read_weights' keys) into the detector. Missing backbone keys, ResNet keys
+    the model lacks and wrong shapes stop, naming the ResNet the file looks like; key lists go to log.jsonl."""
     if args.pretrained == "none":
         return {"missing": [], "unexpected": []}
-    source = pretrained_state_dict(args.pretrained) if source is None else source
+    source = read_weights(args.pretrained, "--pretrained")[0] if source is None else source
     target = model.state_dict()
     if args.load == "backbone":
         source = {k: v for k, v in source.items() if not k.startswith(("fpn.", "box_head."))}
-    depth = resnet_depth([k for k in source if k.startswith("layer")])
-    hint = f"it looks like a {depth} backbone: pass --arch {depth}" if depth and depth != args.arch else "wrong --arch?"
+    arch = resnet_arch(source)  # from the blocks per stage and the block type of its layer keys
+    hint = f"it looks like a {arch} backbone: pass --arch {arch}" if arch and arch != args.arch else "wrong --arch?"
     loaded, unexpected = {}, []
     for key, value in source.items():
         new = detector_key(key, target)
         if new is None:
             unexpected.append(key)
         elif target[new].shape != value.shape:
-            raise SystemExit(f"error: --pretrained {args.pretrained}: {key} has shape {tuple(value.shape)}, the {args.arch} "
-                             f"{args.model} needs {tuple(target[new].shape)}; {hint}")
+            raise SystemExit(f"error: --pretrained {args.pretrained}: {key} has shape {tuple(value.shape)}, "
+                             f"the {args.arch} {args.model} needs {tuple(target[new].shape)}; {hint}")
         else:
             loaded[new] = value
     # NOTE: BN's num_batches_tracked is a counter, not a weight (old torchvision files lack it)
-    backbone = [k for k in target if k.startswith(("backbone.body.", "roi_heads.box_head.res5.")) and "num_batches_tracked" not in k]
+    backbone = [k for k in target if k.startswith(("backbone.body.", "roi_heads.box_head.res5."))
+                and "num_batches_tracked" not in k]
     missing = [k for k in backbone if k not in loaded]
     summary = lambda keys: f"{len(keys)} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})" if keys else "none"
     if args.is_main:
         os.makedirs(args.output_dir, exist_ok=True)
+        record = {"pretrained": args.pretrained, "loaded": sorted(loaded), "missing": missing, "unexpected": unexpected}
         with open(os.path.join(args.output_dir, "log.jsonl"), "a") as f:
-            f.write(json.dumps({"pretrained": args.pretrained, "loaded": sorted(loaded), "missing": missing, "unexpected": unexpected}) + "\n")
+            f.write(json.dumps(record) + "\n")
         print(f"loaded {len(loaded)} tensors from {args.pretrained}; missing backbone keys: {summary(missing)}; "
               f"not loaded: {summary(unexpected)}; full lists in {os.path.join(args.output_dir, 'log.jsonl')}")
-    extra = [k for k in unexpected if k.startswith(("conv1.", "bn1.", "layer"))]  # ResNet keys this --arch does not have
+    extra = [k for k in unexpected if k.startswith(("conv1.", "bn1.", "layer"))]  # ResNet keys this --arch lacks
     if extra:
         raise SystemExit(f"error: --pretrained {args.pretrained} has {len(extra)} ResNet keys that a {args.arch} lacks "
                          f"(e.g. {extra[0]}); {hint}")
@@ -673,9 +570,364 @@ def parameter_groups(model, wd):
             {"params": [p for p in params if id(p) in norm], "weight_decay": 0.0}]
 
 
-# ---------------------------------------------------------------------------------------
-# Masks: COCO RLE (compressed strings, uncompressed counts) and polygons, in numpy
-# ---------------------------------------------------------------------------------------
+# --- Training loop ---
+
+
+def learning_rate(iteration, args):
+    """detectron2's WarmupMultiStepLR: linear warmup from 0.001x, then x0.1 at each of --lr-steps."""
+    factor = 0.1 ** sum(iteration >= step for step in args.lr_steps)
+    if iteration < args.warmup:
+        alpha = iteration / args.warmup
+        factor *= 0.001 * (1 - alpha) + alpha
+    return args.lr_actual * factor
+
+
+def train(model, ddp_model, batches, optimizer, start, args, log, interrupt):
+    model.train()
+    begin = end = time.time()
+    for iteration in range(start, args.iters):
+        try:
+            images, targets = next(batches)
+        except (RuntimeError, OSError):  # a loader worker was killed (SIGKILL, or a signal before the handler)
+            if not interrupt.requested:
+                raise
+            stop_training(model, optimizer, iteration, iteration + 1, args)
+        data_time = time.time() - end
+        lr = learning_rate(iteration, args)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        images = [image.to(args.device, non_blocking=True) for image in images]
+        targets = [{k: v.to(args.device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
+        with torch.autocast(args.device.type, dtype=torch.bfloat16, enabled=args.amp):
+            losses = ddp_model(images, targets)
+        loss = sum(losses.values())
+        if not math.isfinite(loss.item()):
+            raise SystemExit(f"error: loss is {loss.item()} at iteration {iteration}; "
+                             f"the last good checkpoint in {args.output_dir} is kept")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        step_time, end = time.time() - end, time.time()
+        if (iteration + 1) % args.save_freq == 0 and iteration + 1 < args.iters:  # the final one follows PreciseBN
+            save_checkpoint(model, optimizer, iteration + 1, args)
+        if iteration % args.print_freq == 0 or iteration + 1 == args.iters:
+            done = iteration + 1 - start
+            log({"iteration": iteration, "iters": args.iters, "lr": lr, "loss": loss.item(),
+                 **{k: v.item() for k, v in losses.items()}, "img_per_s": args.batch_size / step_time,
+                 "it_per_s": done / (end - begin), "data_time": data_time, "step_time": step_time,
+                 "eta_s": (end - begin) / done * (args.iters - iteration - 1)})
+        if interrupt.agreed(args) and iteration + 1 < args.iters:  # a signal during this iteration: keep it, stop
+            stop_training(model, optimizer, iteration + 1, iteration + 1, args)
+
+
+def stop_training(model, optimizer, done, at, args):
+    """After a signal: save the `done` iterations, then one line (iterations count from 1, as progress lines)."""
+    save_checkpoint(model, optimizer, done, args)
+    raise SystemExit(f"interrupted at iteration {at}; checkpoint has {done} iterations; rerun the same command to "
+                     "resume" if args.is_main else 1)
+
+
+@torch.no_grad()
+def precise_bn(model, batches, args):
+    """PreciseBN (MoCo's and InsLoc's TEST.PRECISE_BN): each BN's running mean / var = the plain average of its batch
+    statistics over --precise-bn-iters batches of the final weights, then over processes (docs/transfer_protocol.md)."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not args.precise_bn_iters or not norms:
+        return
+    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average: after n batches, running = (1/n) sum of the n batch statistics
+    model.train()
+    for _ in range(args.precise_bn_iters):
+        images, targets = next(batches)
+        images = [image.to(args.device, non_blocking=True) for image in images]
+        targets = [{k: v.to(args.device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
+        with torch.autocast(args.device.type, dtype=torch.bfloat16, enabled=args.amp):
+            model(images, targets)  # training-mode forward: same RoI sampling as training, losses unused
+    for m, (momentum, tracked) in zip(norms, saved):
+        m.momentum, m.num_batches_tracked = momentum, tracked
+        if args.world_size > 1:
+            for statistic in (m.running_mean, m.running_var):
+                dist.all_reduce(statistic)
+                statistic /= args.world_size
+    if args.is_main:
+        print(f"precise BN: statistics of {len(norms)} BatchNorm layers recomputed over {args.precise_bn_iters} "
+              "batches", flush=True)
+
+
+# --- Evaluation: detections in COCO results format; the numpy evaluators are at the end of the file ---
+
+
+@torch.no_grad()
+def predict(model, dataset, args):
+    """This rank's share of the test set -> (COCO-format detections, ground truth records)."""
+    model.eval()
+    transform, train_sizes = model.transform, model.transform.min_size
+    transform.min_size = (args.test_size,)
+    indices = list(range(min(len(dataset), args.test_images or len(dataset))))[args.rank::args.world_size]
+    subset = torch.utils.data.Subset(DetectionTransform(dataset, False), indices)
+    loader = torch.utils.data.DataLoader(subset, batch_size=2, num_workers=args.workers, collate_fn=collate)
+    detections, truths = [], []
+    for images, targets in loader:
+        with torch.autocast(args.device.type, dtype=torch.bfloat16, enabled=args.amp):
+            outputs = model([image.to(args.device) for image in images])
+        for image, target, output in zip(images, targets, outputs):
+            truths.append({"image_id": target["image_id"], "height": image.shape[1], "width": image.shape[2],
+                           **{k: v.tolist() for k, v in target.items() if k in ("boxes", "labels", "difficult")},
+                           "segmentations": [rle_encode(m) for m in target["masks"].numpy()]
+                           if isinstance(dataset, SyntheticDetection) else None})  # COCO json has its own
+            boxes = output["boxes"].float().cpu().tolist()
+            masks = (output["masks"][:, 0] > 0.5).cpu().numpy() if "masks" in output else [None] * len(boxes)
+            for box, score, label, mask in zip(boxes, output["scores"].tolist(), output["labels"].tolist(), masks):
+                category = dataset.category_ids[label - 1] if hasattr(dataset, "category_ids") else label  # VOC: 1..20
+                detection = {"image_id": target["image_id"], "category_id": category,
+                             "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]], "score": score}
+                if mask is not None:
+                    detection["segmentation"] = rle_encode(mask)
+                detections.append(detection)
+    transform.min_size = train_sizes
+    model.train()
+    return detections, truths
+
+
+def evaluate(model, dataset, args):
+    """Detections of all ranks, evaluated on the main process -> {"bbox": {...}, ["segm": {...}]} in percent."""
+    detections, truths = predict(model, dataset, args)
+    if args.world_size > 1:
+        gathered = [None] * args.world_size
+        dist.all_gather_object(gathered, (detections, truths))
+        detections, truths = [d for part, _ in gathered for d in part], [t for _, part in gathered for t in part]
+    if not args.is_main:
+        return None
+    start = time.time()
+    if args.dataset == "voc":
+        metrics = {"bbox": voc_evaluate(*voc_inputs(truths, detections), len(VOC_CLASSES))}
+        metrics["bbox"].pop("per_class")
+    else:
+        gt = coco_ground_truth(dataset, truths)
+        percent = lambda stats: {name: 100 * s if s >= 0 else -1 for name, s in zip(COCO_STATS, stats)}  # -1: undefined
+        without = lambda key: [{k: v for k, v in d.items() if k != key} for d in detections]
+        metrics = {"bbox": percent(coco_evaluate(gt, without("segmentation"))["stats"])}
+        if args.model.startswith("mask"):  # segm on mask areas: drop the boxes, as detectron2 does
+            metrics["segm"] = percent(coco_evaluate(gt, without("bbox"), "segm")["stats"])
+    metrics["unit"] = "percent"  # AP and AR as detectron2 prints them: 0-100; -1 = undefined (no such objects)
+    metrics["eval_seconds"], metrics["test_images"] = time.time() - start, len(truths)
+    with open(os.path.join(args.output_dir, "detections.json"), "w") as f:
+        json.dump(detections, f)
+    return metrics
+
+
+def voc_inputs(truths, detections):
+    """Ground truth and COCO-format detections -> voc_evaluate's per-image lists in VOC's 1-based pixels, rounded
+    as detectron2's evaluator writes them ("{score:.3f} {xmin:.1f} ..."): that changes AP (docs/evaluators.md)."""
+    by_image = {t["image_id"]: {"boxes": [], "scores": [], "labels": []} for t in truths}
+    for d in detections:
+        x, y, w, h = d["bbox"]
+        by_image[d["image_id"]]["boxes"].append([float(f"{v:.1f}") for v in (x + 1, y + 1, x + w, y + h)])
+        by_image[d["image_id"]]["scores"].append(float(f"{d['score']:.3f}"))
+        by_image[d["image_id"]]["labels"].append(d["category_id"])
+    gt = [{"boxes": np.array(t["boxes"]).reshape(-1, 4) + [1, 1, 0, 0], "labels": t["labels"],
+           "difficult": t["difficult"]} for t in truths]
+    return gt, [by_image[t["image_id"]] for t in truths]
+
+
+def coco_ground_truth(dataset, truths):
+    """The evaluated images' COCO ground truth: the json's own annotations, or built from the toy world."""
+    evaluated = {t["image_id"] for t in truths}
+    categories = [{"id": c, "name": str(c)} for c in dataset.category_ids]
+    if isinstance(dataset, COCODetection):
+        return {"images": [i for i in dataset.coco["images"] if i["id"] in evaluated],
+                "categories": dataset.coco["categories"],
+                "annotations": [a for a in dataset.coco["annotations"] if a["image_id"] in evaluated]}
+    images, annotations = [], []
+    for t in truths:
+        images.append({"id": t["image_id"], "height": t["height"], "width": t["width"]})
+        for (x1, y1, x2, y2), label, segmentation in zip(t["boxes"], t["labels"], t["segmentations"]):
+            annotations.append({"id": len(annotations) + 1, "image_id": t["image_id"], "category_id": label,
+                                "iscrowd": 0, "bbox": [x1, y1, x2 - x1, y2 - y1], "segmentation": segmentation,
+                                "area": segmentation_area(segmentation, t["height"], t["width"])})
+    return {"images": images, "annotations": annotations, "categories": categories}
+
+
+# --- Plumbing: distributed setup, checkpoints, logging. Same shape as in dilo.py. ---
+
+
+class Interrupt:
+    """SIGINT / SIGTERM (Ctrl-C, a scheduler, torchrun). In training the first one lets the iteration finish; train()
+    saves it and stops with one line. A second one, or one at another time, exits at once (the checkpoint stays)."""
+
+    def __init__(self):
+        self.requested, self.training, self.pid = False, False, os.getpid()
+        for name in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(name, self)
+
+    def __call__(self, signum, frame):
+        if os.getpid() != self.pid:  # a loader worker (forked with this handler): it keeps serving the batch the
+            return  # main process is receiving (a cut handshake prints a traceback); the loader ends it after
+        # Loader workers that got the same signal may die first: torch's SIGCHLD check would raise then.
+        signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+        if self.training and not self.requested:
+            self.requested = True
+            return
+        print(f"interrupted ({signal.Signals(signum).name}); exiting now; the last checkpoint in the output "
+              "directory is kept; rerun the same command to resume", file=sys.stderr, flush=True)
+        os._exit(1)
+
+    def agreed(self, args):
+        """Whether any rank was signalled (all ranks stop at the same iteration; one scalar all_reduce)."""
+        if args.world_size == 1:
+            return self.requested
+        flag = torch.tensor([float(self.requested)], device=args.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def rng_states(args):
+    """Every rank's torch random state (RPN/RoI sampling, the random short side), for an exact resume."""
+    state = {"cpu": torch.get_rng_state()}
+    if args.device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(args.device)
+    states = [state] * args.world_size
+    if args.world_size > 1:
+        dist.all_gather_object(states, {k: v.cpu() for k, v in state.items()})
+    return states
+
+
+def setup_distributed(args):
+    args.world_size, args.rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    if torch.cuda.is_available():
+        args.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(args.device)
+    else:
+        args.device = torch.device("cpu")
+    if args.world_size > 1:
+        dist.init_process_group("nccl" if args.device.type == "cuda" else "gloo")
+    if args.batch_size % args.world_size:
+        raise SystemExit(f"error: --batch-size {args.batch_size} does not divide by the world size "
+                         f"{args.world_size}")
+    args.is_main = args.rank == 0
+    args.amp = args.device.type == "cuda" if args.amp is None else args.amp
+    args.lr_actual = args.lr * args.batch_size / 16
+
+
+def make_logger(args):
+    def log(record):
+        if not args.is_main:
+            return
+        with open(os.path.join(args.output_dir, "log.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+        short = {"loss_classifier": "cls", "loss_box_reg": "box", "loss_mask": "mask", "loss_objectness": "obj",
+                 "loss_rpn_box_reg": "rpn"}  # log.jsonl has the full names
+        terms = " ".join(f"{short.get(name, name)} {record[name]:.3f}" for name in record if name.startswith("loss_"))
+        print(f"iter {record['iteration'] + 1}/{record['iters']} eta {record['eta_s'] / 60:.1f} min "
+              f"lr {record['lr']:.5f} loss {record['loss']:.4f} ({terms}) {record['img_per_s']:.1f} img/s "
+              f"data {100 * record['data_time'] / record['step_time']:.0f}%", flush=True)
+    return log
+
+
+def load_checkpoint(model, optimizer, args):
+    """The iteration to start from: 0, or that of the checkpoint all ranks agree on (common.py)."""
+    checkpoint = agreed_checkpoint("detect", args)
+    if checkpoint is None:
+        return 0, None
+    path, saved = checkpoint_path(args), checkpoint["args"]
+    if (saved.get("model"), saved.get("arch")) != (args.model, args.arch):
+        stop(f"error: {path} is a detect {saved.get('model')} {saved.get('arch')} checkpoint, not {args.model} "
+             f"{args.arch}; use another --output-dir, or --resume none to start over")
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    if args.is_main:  # progress lines count iterations done: the next one shown is iteration + 1
+        print(f"resumed from {path}: {checkpoint['iteration']} of {args.iters} iterations done")
+    states = checkpoint.get("rng")
+    return checkpoint["iteration"], states[args.rank] if states and len(states) == args.world_size else None
+
+
+def save_checkpoint(model, optimizer, iteration, args):
+    """checkpoint.pth on the main process, atomically: a run's only file (rerun = resume). The final one (after
+    PreciseBN) is the trained model, without the optimizer's momentum buffers (as large as the model)."""
+    states = rng_states(args) if iteration < args.iters else None  # every rank takes part in the gather
+    if not args.is_main:
+        return
+    optimizer_state = optimizer.state_dict()
+    if iteration >= args.iters:
+        optimizer_state["state"] = {}  # NOTE: a run extended with a larger --iters restarts momentum from zero
+    state = {"method": "detect", "iteration": iteration, "model": model.state_dict(), "optimizer": optimizer_state,
+             "rng": states,
+             "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, type(None)))}}
+    path = os.path.join(args.output_dir, "checkpoint.pth")
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+# --- Main ---
+
+
+def main(args):
+    setup_distributed(args)
+    source = read_weights(args.pretrained, "--pretrained")[0] if args.pretrained != "none" else None  # before data
+    os.makedirs(args.output_dir, exist_ok=True)
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    train_set, test_set = open_dataset(args, train=True), open_dataset(args, train=False)
+    model = build_model(args, train_set.num_classes)
+    load_pretrained(model, args, source)
+    model.to(args.device)
+    if args.world_size > 1 and args.device.type == "cuda":  # NOTE: SyncBN needs CUDA: on CPU, BN stays per process
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    optimizer = torch.optim.SGD(parameter_groups(model, args.wd), lr=args.lr_actual, momentum=0.9)
+    start, rng = load_checkpoint(model, optimizer, args)
+    if args.is_main:
+        count = lambda module: sum(p.numel() for p in module.parameters()) / 1e6
+        steps = [step for step in args.lr_steps if step < args.iters]  # the drops this run reaches
+        print(f"world size {args.world_size}, device {args.device}, {args.model} {args.arch}, global batch "
+              f"{args.batch_size}, lr {args.lr_actual:.4f} (= {args.lr} x {args.batch_size}/16)\n"
+              f"{len(train_set)} train / {min(len(test_set), args.test_images or len(test_set))} test images, "
+              f"backbone {count(model.backbone):.2f}M, rpn {count(model.rpn):.2f}M, "
+              f"roi heads {count(model.roi_heads):.2f}M params\n"
+              f"schedule: {args.iters} iterations, " + (f"lr x0.1 at {steps}" if steps else "no lr step") +
+              f", warmup {min(args.warmup, args.iters)} (from {args.dataset}'s {SCHEDULES[args.dataset]['warmup']}), "
+              f"precise BN {args.precise_bn_iters} batches")
+    ddp_model = model if args.world_size == 1 else nn.parallel.DistributedDataParallel(
+        model, device_ids=[args.device] if args.device.type == "cuda" else None)
+    interrupt = Interrupt()
+    if not args.eval_only and start < args.iters:
+        torch.manual_seed(args.seed + 1000 * args.rank)
+        sampler = GroupedInfiniteSampler(train_set.aspect_groups(), args.batch_size // args.world_size, args.rank,
+                                         args.world_size, args.seed, start)
+        loader = torch.utils.data.DataLoader(DetectionTransform(train_set, True), batch_sampler=sampler,
+                                             num_workers=args.workers, collate_fn=collate,
+                                             pin_memory=args.device.type == "cuda")
+        batches = iter(loader)  # endless: PreciseBN continues with the batches after training's
+        if rng is not None:  # NOTE: the data order and flips come from the sampler; the rest of the randomness
+            torch.set_rng_state(rng["cpu"])  # (RoI sampling, short sides) continues where the checkpoint left it,
+            if "cuda" in rng and args.device.type == "cuda":  # so a resumed run trains the same weights
+                torch.cuda.set_rng_state(rng["cuda"], args.device)
+        interrupt.training = True
+        train(model, ddp_model, batches, optimizer, start, args, make_logger(args), interrupt)
+        interrupt.training = False
+        precise_bn(model, batches, args)
+        save_checkpoint(model, optimizer, args.iters, args)
+    metrics = evaluate(model, test_set, args)
+    if args.is_main:
+        protocol = {k: v for k, v in vars(args).items()
+                    if isinstance(v, (int, float, str, bool, list, type(None))) and k != "is_main"}
+        sha256 = (hashlib.sha256(pathlib.Path(args.pretrained).read_bytes()).hexdigest()
+                  if os.path.isfile(args.pretrained) else None)
+        protocol.update(device=str(args.device), pretrained_sha256=sha256)
+        with open(os.path.join(args.output_dir, "metrics.json"), "w") as f:
+            json.dump({**metrics, "protocol": protocol}, f, indent=1)
+        print("metrics in percent (-1: no such objects; all in metrics.json):")
+        for kind in ("bbox", "segm") if "segm" in metrics else ("bbox",):
+            print(f"  {kind}: " + " ".join(f"{name} {value:.1f}" if value >= 0 else f"{name} -1"
+                                           for name, value in metrics[kind].items()), flush=True)
+    if args.world_size > 1:
+        dist.destroy_process_group()
+    return metrics
+
+
+# --- Evaluators in numpy, number for number pycocotools' and detectron2's (docs/evaluators.md) ---
+# COCO masks first: RLE (compressed strings, uncompressed counts) and polygons.
 
 
 def rle_counts(mask):
@@ -723,15 +975,10 @@ def rle_string_to_counts(string):
 
 
 def polygon_rle_counts(polygon, height, width):
-    """One polygon [x1, y1, x2, y2, ...] -> RLE counts, exactly as pycocotools' rleFrPoly (maskApi.c).
-
-    The outline is walked on a 5x finer integer grid, one point per fine step along the edge's
-    longer axis. Wherever the walk steps from one fine column to the next, and that step crosses
-    the centre of a pixel column (fine x = 5 * column + 2), the column's mask toggles at the
-    crossing's y, rounded up. Sorted column-major toggle positions are the run lengths.
-    """
+    """One polygon [x1, y1, x2, y2, ...] -> RLE counts, exactly as pycocotools' rleFrPoly (maskApi.c): a column
+    toggles where the outline, walked on a 5x finer grid, crosses its centre (the algorithm: docs/evaluators.md)."""
     scale = 5
-    xy = np.asarray(polygon, dtype=np.float64)[: len(polygon) // 2 * 2].reshape(-1, 2)  # (k, 2); an odd last value is dropped
+    xy = np.asarray(polygon, dtype=np.float64)[: len(polygon) // 2 * 2].reshape(-1, 2)  # (k, 2); an odd tail is dropped
     corner = np.trunc(scale * xy + 0.5).astype(np.int64)  # C's (int): truncation toward zero, not floor
     xs, ys = corner[:, 0], corner[:, 1]
     xe, ye = np.roll(xs, -1), np.roll(ys, -1)  # edge j goes from corner j to corner j + 1 (closed)
@@ -752,7 +999,8 @@ def polygon_rle_counts(polygon, height, width):
     column = (np.where(u[j] < u[j - 1], u[j], u[j] - 1) + 0.5) / scale - 0.5
     row = np.ceil(np.clip((np.minimum(v[j], v[j - 1]) + 0.5) / scale - 0.5, 0, height))
     crossing = (np.floor(column) == column) & (column >= 0) & (column <= width - 1)  # a pixel centre inside the image
-    toggles = np.sort(np.append(column[crossing].astype(np.int64) * height + row[crossing].astype(np.int64), height * width))
+    toggles = column[crossing].astype(np.int64) * height + row[crossing].astype(np.int64)  # column-major
+    toggles = np.sort(np.append(toggles, height * width))
     runs = np.diff(toggles, prepend=0)
     # rleFrPoly's last loop: a zero run (two toggles at one place) is dropped and the run after it
     # joins the previous one; in a row of zeros they pair up, so an odd row merges the next run
@@ -770,7 +1018,8 @@ def mask_from_segmentation(segmentation, height, width):
     if isinstance(segmentation, list):
         mask = np.zeros((height, width), dtype=np.uint8)
         for polygon in segmentation:
-            mask |= mask_from_segmentation({"size": [height, width], "counts": polygon_rle_counts(polygon, height, width)}, height, width)
+            rle = {"size": [height, width], "counts": polygon_rle_counts(polygon, height, width)}
+            mask |= mask_from_segmentation(rle, height, width)
         return mask
     counts = segmentation["counts"]
     if isinstance(counts, (str, bytes)):
@@ -787,9 +1036,7 @@ def segmentation_area(segmentation, height, width):
     return int(mask_from_segmentation(segmentation, height, width).sum())
 
 
-# ---------------------------------------------------------------------------------------
-# COCO evaluation: pycocotools' COCOeval (bbox, segm), vectorised over pairs and thresholds
-# ---------------------------------------------------------------------------------------
+# --- COCO evaluation: pycocotools' COCOeval (bbox, segm), vectorised over pairs and thresholds ---
 
 IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)  # the same linspace calls as COCOeval's Params
 RECALL_THRESHOLDS = np.linspace(0.0, 1.0, 101)
@@ -869,13 +1116,9 @@ def _mask_iou(det_masks, gt_masks, crowd):
 
 
 def _coco_match(iou, gt_ignore, crowd):
-    """COCOeval.evaluateImg's greedy matching for P (image, category) pairs at once.
-
-    iou (P, D, G) with -1 padding; gt_ignore (P, A, G); crowd (P, G). Each detection, best score
-    first, takes the highest-IoU gt that is free (or a crowd) and >= the threshold, preferring
-    non-ignored gts; ties go to the last gt, as COCOeval's `<` comparison does.
-    Returns matched, matched_to_ignored: (P, A, T, D) bool.
-    """
+    """COCOeval.evaluateImg's greedy matching of P (image, category) pairs at once: iou (P, D, G), -1 = padding,
+    gt_ignore (P, A, G), crowd (P, G) -> matched, matched_to_ignored (P, A, T, D). Each detection, best score first,
+    takes the highest-IoU free (or crowd) gt >= the threshold, non-ignored first, ties to the last (COCOeval's `<`)."""
     P, D, G = iou.shape
     thresholds = np.minimum(IOU_THRESHOLDS, 1 - 1e-10)[None, None, :, None]  # (1, 1, T, 1)
     taken = np.zeros((P, len(AREA_RANGES), len(IOU_THRESHOLDS), G), dtype=bool)  # (P, A, T, G)
@@ -991,9 +1234,7 @@ def coco_evaluate(gt, results, iou_type="bbox"):
     return {"stats": coco_summarize(precision, recall), "precision": precision, "recall": recall}
 
 
-# ---------------------------------------------------------------------------------------
-# VOC evaluation: detectron2's PascalVOCDetectionEvaluator (VOC2007 11-point AP, IoU .50:.95)
-# ---------------------------------------------------------------------------------------
+# --- VOC evaluation: detectron2's PascalVOCDetectionEvaluator (VOC2007 11-point AP, IoU .50:.95) ---
 
 VOC_THRESHOLDS = np.arange(50, 100, 5) / 100
 
@@ -1011,20 +1252,16 @@ def _voc_best_overlaps(gt, det):
     inters = np.maximum(ixmax - ixmin + 1.0, 0.0) * np.maximum(iymax - iymin + 1.0, 0.0)  # (D, G)
     union = ((d[:, None, 2] - d[:, None, 0] + 1.0) * (d[:, None, 3] - d[:, None, 1] + 1.0)
              + (g[None, :, 2] - g[None, :, 0] + 1.0) * (g[None, :, 3] - g[None, :, 1] + 1.0) - inters)
-    overlaps = np.where(np.asarray(det["labels"])[:, None] == np.asarray(gt["labels"])[None, :], inters / union, -np.inf)
+    overlaps = np.where(np.asarray(det["labels"])[:, None] == np.asarray(gt["labels"]), inters / union, -np.inf)
     if overlaps.shape[1] == 0:
         return np.full(len(d), -np.inf), np.zeros(len(d), dtype=np.int64)
     return overlaps.max(1), overlaps.argmax(1)  # argmax: the first of equal overlaps, as voc_eval
 
 
 def voc_evaluate(ground_truth, detections, num_classes):
-    """Per image lists: gt {"boxes" (n, 4), "labels" (n,) in 1..C, "difficult" (n,)}, detections {"boxes",
-    "scores", "labels"}, boxes in VOC pixel coordinates. Returns percent AP (mean over IoU .50:.95), AP50,
-    AP75 and per-class APs, as detectron2's evaluator (mean over classes, then over thresholds).
-
-    NOTE: detections are sorted by a stable sort (voc_eval's np.argsort is not stable: equal scores
-    there come out in an unspecified order); classes without non-difficult gts are left out.
-    """
+    """Per image gt {"boxes" (n, 4), "labels" (n,) in 1..C, "difficult" (n,)} and detections {"boxes", "scores",
+    "labels"} in VOC pixels -> percent AP (IoU .50:.95), AP50, AP75, per-class APs, as detectron2 (mean over classes,
+    then thresholds). NOTE: a stable sort (voc_eval's np.argsort is not); classes with no non-difficult gt are out."""
     labels, scores, ovmax, gt_key, difficult = [], [], [], [], []
     positives, offset = np.zeros(num_classes + 1, dtype=np.int64), 0
     for gt, det in zip(ground_truth, detections):
@@ -1055,373 +1292,8 @@ def voc_evaluate(ground_truth, detections, num_classes):
             precision = tp / np.maximum(tp + fp, np.finfo(np.float64).eps)
             per_class[c].append(100 * voc_ap_11_point(tp / float(positives[c]), precision))
     ap = np.mean(list(per_class.values()), axis=0) if per_class else np.zeros(len(VOC_THRESHOLDS))  # (T,)
-    return {"AP": float(ap.mean()), "AP50": float(ap[0]), "AP75": float(ap[5]),
-            "per_class": {c: dict(zip((100 * VOC_THRESHOLDS).round().astype(int).tolist(), v)) for c, v in per_class.items()}}
-
-
-# ---------------------------------------------------------------------------------------
-# Evaluation of the model: detections in COCO results format, then the numpy evaluators
-# ---------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def predict(model, dataset, args):
-    """This rank's share of the test set -> (COCO-format detections, ground truth records)."""
-    model.eval()
-    transform, train_sizes = model.transform, model.transform.min_size
-    transform.min_size = (args.test_size,)
-    indices = list(range(min(len(dataset), args.test_images or len(dataset))))[args.rank::args.world_size]
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(DetectionTransform(dataset, False), indices), batch_size=2,
-                                         num_workers=args.workers, collate_fn=collate)
-    detections, truths = [], []
-    for images, targets in loader:
-        with torch.autocast(args.device.type, dtype=torch.bfloat16, enabled=args.amp):
-            outputs = model([image.to(args.device) for image in images])
-        for image, target, output in zip(images, targets, outputs):
-            truths.append({"image_id": target["image_id"], "height": image.shape[1], "width": image.shape[2],
-                           **{k: v.tolist() for k, v in target.items() if k in ("boxes", "labels", "difficult")},
-                           "segmentations": [rle_encode(m) for m in target["masks"].numpy()]
-                           if isinstance(dataset, SyntheticDetection) else None})  # COCO json has its own
-            boxes = output["boxes"].float().cpu()
-            masks = (output["masks"][:, 0] > 0.5).cpu().numpy() if "masks" in output else [None] * len(boxes)
-            for box, score, label, mask in zip(boxes.tolist(), output["scores"].tolist(), output["labels"].tolist(), masks):
-                category = dataset.category_ids[label - 1] if hasattr(dataset, "category_ids") else label  # VOC: 1..20
-                detection = {"image_id": target["image_id"], "category_id": category,
-                             "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]], "score": score}
-                if mask is not None:
-                    detection["segmentation"] = rle_encode(mask)
-                detections.append(detection)
-    transform.min_size = train_sizes
-    model.train()
-    return detections, truths
-
-
-def evaluate(model, dataset, args):
-    """Detections of all ranks, evaluated on the main process -> {"bbox": {...}, ["segm": {...}]} in percent."""
-    detections, truths = predict(model, dataset, args)
-    if args.world_size > 1:
-        gathered = [None] * args.world_size
-        dist.all_gather_object(gathered, (detections, truths))
-        detections, truths = [d for part, _ in gathered for d in part], [t for _, part in gathered for t in part]
-    if not args.is_main:
-        return None
-    start = time.time()
-    if args.dataset == "voc":
-        metrics = {"bbox": voc_evaluate(*voc_inputs(truths, detections), len(VOC_CLASSES))}
-        metrics["bbox"].pop("per_class")
-    else:
-        gt = coco_ground_truth(dataset, truths)
-        percent = lambda stats: {name: 100 * s if s >= 0 else -1 for name, s in zip(COCO_STATS, stats)}  # -1: undefined
-        metrics = {"bbox": percent(coco_evaluate(gt, [{k: v for k, v in d.items() if k != "segmentation"} for d in detections])["stats"])}
-        if args.model.startswith("mask"):  # segm on mask areas: drop the boxes, as detectron2 does
-            metrics["segm"] = percent(coco_evaluate(gt, [{k: v for k, v in d.items() if k != "bbox"} for d in detections], "segm")["stats"])
-    metrics["unit"] = "percent"  # AP and AR as detectron2 prints them: 0-100; -1 = undefined (no such objects)
-    metrics["eval_seconds"], metrics["test_images"] = time.time() - start, len(truths)
-    with open(os.path.join(args.output_dir, "detections.json"), "w") as f:
-        json.dump(detections, f)
-    return metrics
-
-
-def voc_inputs(truths, detections):
-    """Ground truth and COCO-format detections -> voc_evaluate's per-image lists, in VOC's 1-based pixels
-    (xmin, ymin + 1). Detections pass through text as in detectron2's PascalVOCDetectionEvaluator, which
-    writes "{score:.3f} {xmin:.1f} {ymin:.1f} {xmax:.1f} {ymax:.1f}" for voc_eval: the rounding can make
-    scores tie and move an IoU across a threshold, so it is part of the number the papers report."""
-    by_image = {t["image_id"]: {"boxes": [], "scores": [], "labels": []} for t in truths}
-    for d in detections:
-        x, y, w, h = d["bbox"]
-        by_image[d["image_id"]]["boxes"].append([float(f"{v:.1f}") for v in (x + 1, y + 1, x + w, y + h)])
-        by_image[d["image_id"]]["scores"].append(float(f"{d['score']:.3f}"))
-        by_image[d["image_id"]]["labels"].append(d["category_id"])
-    gt = [{"boxes": np.array(t["boxes"]).reshape(-1, 4) + [1, 1, 0, 0], "labels": t["labels"], "difficult": t["difficult"]}
-          for t in truths]
-    return gt, [by_image[t["image_id"]] for t in truths]
-
-
-def coco_ground_truth(dataset, truths):
-    """The evaluated images' COCO ground truth: the json's own annotations, or built from the toy world."""
-    evaluated = {t["image_id"] for t in truths}
-    categories = [{"id": c, "name": str(c)} for c in dataset.category_ids]
-    if isinstance(dataset, COCODetection):
-        return {"images": [i for i in dataset.coco["images"] if i["id"] in evaluated], "categories": dataset.coco["categories"],
-                "annotations": [a for a in dataset.coco["annotations"] if a["image_id"] in evaluated]}
-    images, annotations = [], []
-    for t in truths:
-        images.append({"id": t["image_id"], "height": t["height"], "width": t["width"]})
-        for box, label, segmentation in zip(t["boxes"], t["labels"], t["segmentations"]):
-            annotations.append({"id": len(annotations) + 1, "image_id": t["image_id"], "category_id": label, "iscrowd": 0,
-                                "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]], "segmentation": segmentation,
-                                "area": segmentation_area(segmentation, t["height"], t["width"])})
-    return {"images": images, "annotations": annotations, "categories": categories}
-
-
-# ---------------------------------------------------------------------------------------
-# Training loop
-# ---------------------------------------------------------------------------------------
-
-
-def learning_rate(iteration, args):
-    """detectron2's WarmupMultiStepLR: linear warmup from 0.001x, then x0.1 at each of --lr-steps."""
-    factor = 0.1 ** sum(iteration >= step for step in args.lr_steps)
-    if iteration < args.warmup:
-        alpha = iteration / args.warmup
-        factor *= 0.001 * (1 - alpha) + alpha
-    return args.lr_actual * factor
-
-
-def train(model, ddp_model, batches, optimizer, start, args, log, interrupt):
-    model.train()
-    begin = time.time()
-    end = begin
-    for iteration in range(start, args.iters):
-        try:
-            images, targets = next(batches)
-        except (RuntimeError, OSError):  # a loader worker was killed (SIGKILL, or a signal before the handler)
-            if not interrupt.requested:
-                raise
-            stop_training(model, optimizer, iteration, iteration + 1, args)
-        data_time = time.time() - end
-        lr = learning_rate(iteration, args)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        images = [image.to(args.device, non_blocking=True) for image in images]
-        targets = [{k: v.to(args.device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
-        with torch.autocast(args.device.type, dtype=torch.bfloat16, enabled=args.amp):
-            losses = ddp_model(images, targets)
-        loss = sum(losses.values())
-        if not math.isfinite(loss.item()):
-            raise SystemExit(f"error: loss is {loss.item()} at iteration {iteration}; "
-                             f"the last good checkpoint in {args.output_dir} is kept")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        step_time, end = time.time() - end, time.time()
-        if (iteration + 1) % args.save_freq == 0 and iteration + 1 < args.iters:  # the final one follows PreciseBN
-            save_checkpoint(model, optimizer, iteration + 1, args)
-        if iteration % args.print_freq == 0 or iteration + 1 == args.iters:
-            done = iteration + 1 - start
-            log({"iteration": iteration, "iters": args.iters, "lr": lr, "loss": loss.item(), **{k: v.item() for k, v in losses.items()},
-                 "img_per_s": args.batch_size / step_time, "it_per_s": done / (end - begin), "data_time": data_time,
-                 "step_time": step_time, "eta_s": (end - begin) / done * (args.iters - iteration - 1)})
-        if interrupt.agreed(args) and iteration + 1 < args.iters:  # a signal during this iteration: keep it, stop
-            stop_training(model, optimizer, iteration + 1, iteration + 1, args)
-
-
-def stop_training(model, optimizer, done, at, args):
-    """After a signal: save the `done` iterations, then one line (iterations count from 1, as progress lines)."""
-    save_checkpoint(model, optimizer, done, args)
-    raise SystemExit(f"interrupted at iteration {at}; checkpoint has {done} iterations; rerun the same command to "
-                     "resume" if args.is_main else 1)
-
-
-@torch.no_grad()
-def precise_bn(model, batches, args):
-    """PreciseBN (detectron2's hook; TEST.PRECISE_BN in MoCo's and InsLoc's configs): before evaluation, every
-    BatchNorm's running mean / var = the plain average of its batch statistics over --precise-bn-iters
-    training batches of the final weights, instead of the EMA that lags behind the weights; then averaged
-    over processes (SyncBN already made them equal; on CPU/gloo BN is per process). Weights do not change.
-    """
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not args.precise_bn_iters or not norms:
-        return
-    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average: after n batches, running = (1/n) sum of the n batch statistics
-    model.train()
-    for _ in range(args.precise_bn_iters):
-        images, targets = next(batches)
-        images = [image.to(args.device, non_blocking=True) for image in images]
-        targets = [{k: v.to(args.device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
-        with torch.autocast(args.device.type, dtype=torch.bfloat16, enabled=args.amp):
-            model(images, targets)  # training-mode forward: same RoI sampling as training, losses unused
-    for m, (momentum, tracked) in zip(norms, saved):
-        m.momentum, m.num_batches_tracked = momentum, tracked
-        if args.world_size > 1:
-            for statistic in (m.running_mean, m.running_var):
-                dist.all_reduce(statistic)
-                statistic /= args.world_size
-    if args.is_main:
-        print(f"precise BN: statistics of {len(norms)} BatchNorm layers recomputed over {args.precise_bn_iters} batches", flush=True)
-
-
-# ---------------------------------------------------------------------------------------
-# Plumbing: distributed setup, checkpoints, logging. Same shape as in dilo.py.
-# ---------------------------------------------------------------------------------------
-
-
-class Interrupt:
-    """SIGINT / SIGTERM (Ctrl-C; a scheduler, torchrun). While training, the first signal lets the iteration in
-    progress finish; train() then saves it and stops with one line. A second signal, or one at any other
-    time, exits at once with one line (the last checkpoint stays)."""
-
-    def __init__(self):
-        self.requested, self.training, self.pid = False, False, os.getpid()
-        for name in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(name, self)
-
-    def __call__(self, signum, frame):
-        if os.getpid() != self.pid:  # a loader worker (forked with this handler): it keeps serving the batch the
-            return  # main process is receiving (a cut handshake prints a traceback); the loader ends it after
-        # Loader workers that got the same signal may die first: torch's SIGCHLD check would raise then.
-        signal.signal(signal.SIGCHLD, lambda signum, frame: None)
-        if self.training and not self.requested:
-            self.requested = True
-            return
-        print(f"interrupted ({signal.Signals(signum).name}); exiting now; the last checkpoint in the output "
-              "directory is kept; rerun the same command to resume", file=sys.stderr, flush=True)
-        os._exit(1)
-
-    def agreed(self, args):
-        """Whether any rank was signalled (all ranks stop at the same iteration; one scalar all_reduce)."""
-        if args.world_size == 1:
-            return self.requested
-        flag = torch.tensor([float(self.requested)], device=args.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
-
-def rng_states(args):
-    """Every rank's torch random state (RPN/RoI sampling, the random short side), for an exact resume."""
-    state = {"cpu": torch.get_rng_state()}
-    if args.device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(args.device)
-    states = [state] * args.world_size
-    if args.world_size > 1:
-        dist.all_gather_object(states, {k: v.cpu() for k, v in state.items()})
-    return states
-
-
-def setup_distributed(args):
-    args.world_size, args.rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    if torch.cuda.is_available():
-        args.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(args.device)
-    else:
-        args.device = torch.device("cpu")
-    if args.world_size > 1:
-        dist.init_process_group("nccl" if args.device.type == "cuda" else "gloo")
-    if args.batch_size % args.world_size:
-        raise SystemExit(f"error: --batch-size {args.batch_size} does not divide by the world size {args.world_size}")
-    args.is_main = args.rank == 0
-    args.amp = args.device.type == "cuda" if args.amp is None else args.amp
-    args.lr_actual = args.lr * args.batch_size / 16
-
-
-def make_logger(args):
-    def log(record):
-        if not args.is_main:
-            return
-        with open(os.path.join(args.output_dir, "log.jsonl"), "a") as f:
-            f.write(json.dumps(record) + "\n")
-        short = {"loss_classifier": "cls", "loss_box_reg": "box", "loss_mask": "mask", "loss_objectness": "obj",
-                 "loss_rpn_box_reg": "rpn"}  # log.jsonl has the full names
-        terms = " ".join(f"{short.get(name, name)} {record[name]:.3f}" for name in record if name.startswith("loss_"))
-        print(f"iter {record['iteration'] + 1}/{record['iters']} eta {record['eta_s'] / 60:.1f} min "
-              f"lr {record['lr']:.5f} "
-              f"loss {record['loss']:.4f} ({terms}) {record['img_per_s']:.1f} img/s "
-              f"data {100 * record['data_time'] / record['step_time']:.0f}%", flush=True)
-    return log
-
-
-def load_checkpoint(model, optimizer, args):
-    """The iteration to start from: 0, or that of the checkpoint all ranks agree on (common.py)."""
-    checkpoint = agreed_checkpoint("detect", args)
-    if checkpoint is None:
-        return 0, None
-    path, saved = checkpoint_path(args), checkpoint["args"]
-    if (saved.get("model"), saved.get("arch")) != (args.model, args.arch):
-        stop(f"error: {path} is a detect {saved.get('model')} {saved.get('arch')} checkpoint, not {args.model} {args.arch}; "
-             "use another --output-dir, or --resume none to start over")
-    model.load_state_dict(checkpoint["model"])
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    if args.is_main:  # progress lines count iterations done: the next one shown is iteration + 1
-        print(f"resumed from {path}: {checkpoint['iteration']} of {args.iters} iterations done")
-    states = checkpoint.get("rng")
-    return checkpoint["iteration"], states[args.rank] if states and len(states) == args.world_size else None
-
-
-def save_checkpoint(model, optimizer, iteration, args):
-    """checkpoint.pth on the main process, atomically: the only file a run keeps (rerun = resume).
-    The final one (iteration == --iters, after PreciseBN) is the trained model: it drops the optimizer's
-    momentum buffers (as large as the model; nothing is left to train), keeping its lr groups."""
-    states = rng_states(args) if iteration < args.iters else None  # every rank takes part in the gather
-    if not args.is_main:
-        return
-    optimizer_state = optimizer.state_dict()
-    if iteration >= args.iters:
-        optimizer_state["state"] = {}  # NOTE: a run extended with a larger --iters restarts momentum from zero
-    state = {"method": "detect", "iteration": iteration, "model": model.state_dict(), "optimizer": optimizer_state,
-             "rng": states,
-             "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, type(None)))}}
-    path = os.path.join(args.output_dir, "checkpoint.pth")
-    torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)
-
-
-# ---------------------------------------------------------------------------------------
-# Main
-# ---------------------------------------------------------------------------------------
-
-
-def main(args):
-    setup_distributed(args)
-    source = pretrained_state_dict(args.pretrained) if args.pretrained != "none" else None  # a bad file fails before data loads
-    os.makedirs(args.output_dir, exist_ok=True)
-    torch.manual_seed(args.seed)
-    random.seed(args.seed)
-    train_set, test_set = open_dataset(args, train=True), open_dataset(args, train=False)
-    model = build_model(args, train_set.num_classes)
-    load_pretrained(model, args, source)
-    model.to(args.device)
-    if args.world_size > 1 and args.device.type == "cuda":  # NOTE: SyncBN needs CUDA; on CPU (gloo) BN stays per process
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    optimizer = torch.optim.SGD(parameter_groups(model, args.wd), lr=args.lr_actual, momentum=0.9)
-    start, rng = load_checkpoint(model, optimizer, args)
-    if args.is_main:
-        count = lambda module: sum(p.numel() for p in module.parameters()) / 1e6
-        steps = [step for step in args.lr_steps if step < args.iters]  # the drops this run reaches
-        print(f"world size {args.world_size}, device {args.device}, {args.model} {args.arch}, global batch {args.batch_size}, "
-              f"lr {args.lr_actual:.4f} (= {args.lr} x {args.batch_size}/16)\n{len(train_set)} train / "
-              f"{min(len(test_set), args.test_images or len(test_set))} test images, backbone {count(model.backbone):.2f}M, "
-              f"rpn {count(model.rpn):.2f}M, roi heads {count(model.roi_heads):.2f}M params\n"
-              f"schedule: {args.iters} iterations, " + (f"lr x0.1 at {steps}" if steps else "no lr step") +
-              f", warmup {min(args.warmup, args.iters)} (from {args.dataset}'s {SCHEDULES[args.dataset]['warmup']}), "
-              f"precise BN {args.precise_bn_iters} batches")
-    ddp_model = model
-    if args.world_size > 1:
-        ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[args.device] if args.device.type == "cuda" else None)
-    interrupt = Interrupt()
-    if not args.eval_only and start < args.iters:
-        torch.manual_seed(args.seed + 1000 * args.rank)
-        sampler = GroupedInfiniteSampler(train_set.aspect_groups(), args.batch_size // args.world_size, args.rank,
-                                         args.world_size, args.seed, start)
-        loader = torch.utils.data.DataLoader(DetectionTransform(train_set, True), batch_sampler=sampler, num_workers=args.workers,
-                                             collate_fn=collate, pin_memory=args.device.type == "cuda")
-        batches = iter(loader)  # endless: PreciseBN continues with the batches after training's
-        if rng is not None:  # NOTE: the data order and flips come from the sampler; the rest of the randomness
-            torch.set_rng_state(rng["cpu"])  # (RoI sampling, short sides) continues where the checkpoint left it,
-            if "cuda" in rng and args.device.type == "cuda":  # so a resumed run trains the same weights
-                torch.cuda.set_rng_state(rng["cuda"], args.device)
-        interrupt.training = True
-        train(model, ddp_model, batches, optimizer, start, args, make_logger(args), interrupt)
-        interrupt.training = False
-        precise_bn(model, batches, args)
-        save_checkpoint(model, optimizer, args.iters, args)
-    metrics = evaluate(model, test_set, args)
-    if args.is_main:
-        protocol = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, type(None))) and k != "is_main"}
-        protocol.update(device=str(args.device), pretrained_sha256=hashlib.sha256(pathlib.Path(args.pretrained).read_bytes()).hexdigest()
-                        if os.path.isfile(args.pretrained) else None)
-        with open(os.path.join(args.output_dir, "metrics.json"), "w") as f:
-            json.dump({**metrics, "protocol": protocol}, f, indent=1)
-        print("metrics in percent (-1: no such objects; all in metrics.json):")
-        for kind in ("bbox", "segm") if "segm" in metrics else ("bbox",):
-            print(f"  {kind}: " + " ".join(f"{name} {value:.1f}" if value >= 0 else f"{name} -1"
-                                           for name, value in metrics[kind].items()), flush=True)
-    if args.world_size > 1:
-        dist.destroy_process_group()
-    return metrics
+    return {"AP": float(ap.mean()), "AP50": float(ap[0]), "AP75": float(ap[5]),  # per class: {50: AP50, ..., 95: AP95}
+            "per_class": {c: dict(zip(range(50, 100, 5), v)) for c, v in per_class.items()}}
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """DiLo: Distilling Localization for Self-Supervised Representation Learning.
 
-Zhao, Wu, Lau, Lin, AAAI 2021, arXiv:2004.06638. Also this repository's MoCo v2 baseline
-(Improved Baselines with Momentum Contrastive Learning, Chen, Fan, Girshick, He, arXiv:2003.04297): `--paste-prob 0` is exactly MoCo v2.
+Zhao, Wu, Lau, Lin, AAAI 2021, arXiv:2004.06638. Also this repository's MoCo v2 baseline (Improved
+Baselines with Momentum Contrastive Learning, Chen, Fan, Girshick, He, arXiv:2003.04297):
+`--paste-prob 0` is exactly MoCo v2.
 
 Idea: contrastive models look at backgrounds as much as at objects (paper "Diagnosing
 Self-Supervised Models", Fig. 2). DiLo estimates a foreground saliency mask per image and,
@@ -14,19 +15,15 @@ views of an image share the object but not always its background.
     torchrun --nnodes=2 --node_rank=0 --master_addr=HOST --master_port=29500 \\
         --nproc_per_node=8 dilo.py --data /imagenet --saliency /imagenet_saliency
     python dilo.py --paste-prob 0 --data /imagenet           # the MoCo v2 baseline
-    torchrun --nproc_per_node=8 dilo.py --make-saliency --data /imagenet --saliency-out /imagenet_saliency  # RBD masks, once
-    python dilo.py --diagnose runs/dilo/backbone.pth --data /imagenet  # neighbours + gradients PNG
+    torchrun --nproc_per_node=8 dilo.py --make-saliency --data /imagenet \\
+        --saliency-out /imagenet_saliency                    # RBD masks, once
+    python -m tools.diagnose runs/dilo/backbone.pth --data /imagenet  # neighbours + gradients (Fig. 2, 5)
 
 Recipe (defaults): MoCo v2, ResNet-50, tau 0.2, K 65536, m 0.999, lr 0.03 per 256,
 cosine, 200 epochs, MLP head 2048-2048-128; copy-paste p = 0.3 (Table 2b), gray
 backgrounds (Table 2c), mixed blending (Table 2d).
 Expected (paper Table 3, MoCo v2 rows, ImageNet linear top-1): 67.5 -> 67.9 with RBD masks,
 69.2 with BASNet masks (--saliency DIR).
-
-NOTE: the paper's ablations (Table 2: 60.6 -> 62.8 with RBD) use MoCo v1 (tau 0.07, step
-schedule); we follow the spec's MoCo v2 base, so Table 3's MoCo v2 rows are this recipe's.
-NOTE: an image without a mask, or with an empty one, is used unpasted and counted (a --saliency DIR
-mask is decoded only when a view pastes, so an empty file counts only then).
 """
 import argparse
 import copy
@@ -48,29 +45,31 @@ import torchvision.transforms as T
 import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageDraw, ImageFilter
 
-from common import (IMAGENET_MEAN, IMAGENET_STD, ImageFolderSource, MomentumQueue, ResNetTrunk, ToyWorld,
-                    UnreadableImages, agreed_checkpoint, batchnorm_groups, bench_loader, check_args,
-                    check_unreadable, convert_to_ghost_batchnorm, draw_colour, ema_update, font, load_backbone,
-                    open_source, photometric, plot_log, raise_interrupt, resume_epoch, shuffled_key_forward,
-                    stop_interrupted, to_rgb, world_size)
+from common import (IMAGENET_MEAN, IMAGENET_STD, ImageFolderSource, MomentumQueue, ResNetTrunk, UnreadableImages,
+                    agreed_checkpoint, batchnorm_groups, bench_loader, check_args, check_unreadable,
+                    convert_to_ghost_batchnorm, draw_colour, ema_update, font, open_source, photometric, plot_log,
+                    raise_interrupt, resume_epoch, shuffled_key_forward, stop_interrupted, to_rgb, world_size)
 
-# ---------------------------------------------------------------------------------------
-# Arguments
-# ---------------------------------------------------------------------------------------
+# --- Arguments ---
 
 # NOTE: --tiny is a CPU run in which MoCo v2's loss falls and its accuracy rises above chance:
-# 8 epochs of 5,000 toy images, 1,248 steps (measured: docs/tiny_runs.md). With the paper's m 0.999 the key encoder averages over about 1,000 steps; in
-# 300 steps (dupr.py's tiny run) MoCo v2's loss does not move; m 0.99 moves it sooner by a
-# fresh-versus-stale-key shortcut, and a higher lr collapses the head. K 96 holds the last 3
-# steps' keys: never an image's own older key, and the random starting queue is gone after 3
-# steps. lr and m stay the paper's. `--tiny --epochs 1 --steps 10` is a 10-step smoke run.
+# 8 epochs of 5,000 toy images, 1,248 steps (measured: docs/tiny_runs.md). With the paper's
+# m 0.999 the key encoder averages over about 1,000 steps; in 300 steps (dupr.py's tiny run)
+# MoCo v2's loss does not move; m 0.99 moves it sooner by a fresh-versus-stale-key shortcut,
+# and a higher lr collapses the head. K 96 holds the last 3 steps' keys: never an image's own
+# older key, and the random starting queue is gone after 3 steps. lr and m stay the paper's.
+# `--tiny --epochs 1 --steps 10` is a 10-step smoke run.
+METHOD = "dilo"  # the name its checkpoints carry
 TINY = dict(data="synthetic", arch="resnet18", image_size=64, batch_size=32, queue_size=96, bn_batch=8,
             epochs=8, workers=2, print_freq=20)
 TINY_IMAGES = 5000
 
 
+# NOTE: the paper's ablations (Table 2: 60.6 -> 62.8 with RBD) use MoCo v1 (tau 0.07, step
+# schedule); we follow the spec's MoCo v2 base, so Table 3's MoCo v2 rows are this recipe's.
 def get_args(argv=None):
-    parser = argparse.ArgumentParser(description="DiLo / MoCo v2 pretraining", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description="DiLo / MoCo v2 pretraining",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--data", default="synthetic", help="image folder (ImageNet layout aware) or 'synthetic'")
     parser.add_argument("--arch", default="resnet50", help="torchvision ResNet: resnet18/34/50/101/152")
     parser.add_argument("--epochs", type=int, default=200, help="epochs; the cosine lr schedule spans them")
@@ -82,26 +81,33 @@ def get_args(argv=None):
     parser.add_argument("--queue-size", type=int, default=65536, help="K, keys in the queue")
     parser.add_argument("--temperature", type=float, default=0.2, help="tau of InfoNCE")
     parser.add_argument("--ema", type=float, default=0.999, help="m, key encoder momentum")
-    parser.add_argument("--bn-batch", type=int, default=32, help="samples per BatchNorm group, both encoders (per-GPU batch of the paper)")
+    parser.add_argument("--bn-batch", type=int, default=32,
+                        help="samples per BatchNorm group, both encoders (per-GPU batch of the paper)")
     parser.add_argument("--output-dir", default="runs/dilo", help="checkpoint.pth, backbone.pth, log.jsonl, loss.png")
-    parser.add_argument("--resume", default="auto", help="'auto' (output-dir/checkpoint.pth if present), a path, or 'none'")
-    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast; None: on for CUDA, off on CPU")
+    parser.add_argument("--resume", default="auto",
+                        help="'auto' (output-dir/checkpoint.pth if present), a path, or 'none'")
+    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                        help="bf16 autocast; None: on for CUDA, off on CPU")
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                         help="NHWC memory format for images and weights; None: on for CUDA, off on CPU")
     parser.add_argument("--print-freq", type=int, default=10, help="iterations between log lines")
     parser.add_argument("--seed", type=int, default=0, help="seeds weights, queues and data order")
     parser.add_argument("--steps", type=int, default=0, help="cap on iterations per epoch (0 = full epoch)")
-    parser.add_argument("--tiny", action="store_true", help=f"CPU-sized recipe: {TINY_IMAGES} toy images, " + " ".join(f"{k}={v}" for k, v in TINY.items()))
+    parser.add_argument("--tiny", action="store_true", help=f"CPU-sized recipe: {TINY_IMAGES} toy images, "
+                        + " ".join(f"{k}={v}" for k, v in TINY.items()))
     parser.add_argument("--preview", type=int, default=0, help="write output-dir/preview.png with N samples, then exit")
-    parser.add_argument("--bench-loader", type=int, default=0, metavar="N", help="time N loader items on one CPU thread, then exit")
+    parser.add_argument("--bench-loader", type=int, default=0, metavar="N",
+                        help="time N loader items on one CPU thread, then exit")
     # DiLo ("Copy-and-paste for Background Augmentation", Table 2)
-    parser.add_argument("--paste-prob", type=float, default=0.3, help="p, probability of copy-paste per view (0 = MoCo v2)")
+    parser.add_argument("--paste-prob", type=float, default=0.3,
+                        help="p, probability of copy-paste per view (0 = MoCo v2)")
     parser.add_argument("--background", default="gray", help="gray | dataset | folder:PATH")
     parser.add_argument("--blend", default="mix", choices=["none", "gaussian", "mix"], help="paste blending")
     parser.add_argument("--saliency", default="gt", help="gt (toy world masks) | DIR of mask PNGs | rbd")
-    parser.add_argument("--make-saliency", action="store_true", help="write RBD masks of every --data image into --saliency-out, then exit (resumable)")
-    parser.add_argument("--saliency-out", default=None, help="DIR for --make-saliency: one mask PNG per image, same relative path")
-    parser.add_argument("--diagnose", default=None, metavar="CKPT", help="backbone.pth or checkpoint.pth: write output-dir/diagnosis.png (nearest neighbours, input gradients), then exit")
+    parser.add_argument("--make-saliency", action="store_true",
+                        help="write RBD masks of every --data image into --saliency-out, then exit (resumable)")
+    parser.add_argument("--saliency-out", default=None,
+                        help="DIR for --make-saliency: one mask PNG per image, same relative path")
     args = parser.parse_args(argv)
     if args.tiny:  # the tiny recipe replaces defaults only: explicit flags still win
         parser.set_defaults(**TINY)
@@ -112,9 +118,7 @@ def get_args(argv=None):
     return args
 
 
-# ---------------------------------------------------------------------------------------
-# Data: saliency masks, copy-paste, MoCo v2 augmentation
-# ---------------------------------------------------------------------------------------
+# --- Data: copy-paste, MoCo v2 augmentation (the saliency masks: RBD, after the method) ---
 
 
 def moco_v2_box(image):
@@ -161,12 +165,14 @@ class CopyPasteTwoViews(torch.utils.data.Dataset):
             self.backgrounds = ImageFolderSource(args.background[len("folder:"):])
         elif args.background not in ("gray", "dataset"):
             raise SystemExit(f"error: --background {args.background}: expected gray, dataset or folder:PATH")
-        if args.saliency == "rbd" and args.paste_prob > 0:  # estimated in the loader; large data: --make-saliency
+        if args.saliency == "rbd" and args.paste_prob > 0:  # estimated in the loader (large data: --make-saliency)
             self.source = RBDMasks(source)
         if args.saliency == "gt" and args.data != "synthetic" and args.paste_prob > 0:
-            raise SystemExit(f"error: --data {args.data} has no ground-truth masks (--saliency gt): pass --saliency DIR of "
-                             "mask PNGs (write them once with --make-saliency --saliency-out DIR) or --saliency rbd")
-        if args.saliency not in ("gt", "rbd") and args.paste_prob > 0 and (args.data == "synthetic" or not os.path.isdir(args.saliency)):
+            raise SystemExit(f"error: --data {args.data} has no ground-truth masks (--saliency gt): pass --saliency "
+                             "DIR of mask PNGs (write them once with --make-saliency --saliency-out DIR) "
+                             "or --saliency rbd")
+        if args.saliency not in ("gt", "rbd") and args.paste_prob > 0 and (
+                args.data == "synthetic" or not os.path.isdir(args.saliency)):
             raise SystemExit(f"error: --saliency {args.saliency}: expected a directory of masks named like the files "
                              "of --data FOLDER (--data synthetic has no files: use --saliency gt)")
 
@@ -225,6 +231,8 @@ class CopyPasteTwoViews(torch.utils.data.Dataset):
         [(window, box, pasted)] * 2 (each view's crop window of its source image), views."""
         image, target = self.source[index]
         coins = [float(torch.rand(())) < self.args.paste_prob for _ in range(2)]  # p per view, independently
+        # NOTE: an image without a mask, or with an empty one, is used unpasted and counted (has_mask); a
+        # --saliency DIR mask is decoded only when a view pastes, so an empty file counts only then.
         lazy = self.args.saliency not in ("gt", "rbd") and not any(coins)  # then a mask file is not decoded
         mask = None if lazy or self.args.paste_prob == 0 else self.load_mask(target, image.size)
         has_mask = os.path.exists(self.mask_path(target)) if lazy else mask is not None
@@ -242,10 +250,152 @@ class CopyPasteTwoViews(torch.utils.data.Dataset):
         return views[0], views[1], torch.tensor([was for _, _, was in sources]), has_mask, draw_colour(2)
 
 
-# ---------------------------------------------------------------------------------------
-# Saliency: RBD (Zhu et al., CVPR 2014), "Saliency Optimization from Robust Background
-# Detection", after the authors' reference code. numpy only, one image at a time.
-# ---------------------------------------------------------------------------------------
+# --- Model: MoCo v2 encoder = ResNet + MLP head, key encoder, queue ---
+
+
+class Encoder(nn.Module):
+    def __init__(self, arch, dim=128):
+        super().__init__()
+        self.backbone = ResNetTrunk(arch)
+        C = self.backbone.channels[-1]
+        self.head = nn.Sequential(nn.Linear(C, C), nn.ReLU(inplace=True), nn.Linear(C, dim))
+
+    def forward(self, x):
+        c5 = self.backbone(x)[-1]  # (N, C, h, w)
+        return F.normalize(self.head(c5.mean(dim=(2, 3))), dim=1)  # (N, 128)
+
+
+class DiLo(nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        self.args = args
+        encoder = Encoder(args.arch)
+        # Ghost BN (common.py): BN statistics over groups of --bn-batch samples, on both encoders
+        self.encoder_q = convert_to_ghost_batchnorm(encoder, args.batch_size // world_size(), args.bn_batch)
+        self.encoder_k = copy.deepcopy(self.encoder_q).requires_grad_(False)
+        self.queue = MomentumQueue(args.queue_size)
+
+    def forward(self, im_q, im_k, pasted, has_mask, colour=None):
+        """colour (N, 2, 12): MoCo v2's colour part for the uint8 views; None: float inputs, ready."""
+        if colour is not None:
+            im_q, im_k = photometric(im_q, colour[:, 0]), photometric(im_k, colour[:, 1])
+        q = self.encoder_q(im_q)  # (N, 128)
+        ema_update(self.encoder_k, self.encoder_q, self.args.ema)
+        k = shuffled_key_forward(self.encoder_k, (im_k,))  # (N, 128)
+        loss, acc = info_nce(q, k, self.queue.keys.clone(), self.args.temperature)  # enqueue writes in place
+        self.queue.enqueue(k)
+        return loss, {"loss": loss.detach(), "acc": acc,  # and what the data loader did:
+                      "pasted": pasted.float().mean(),
+                      "no_mask": 1 - has_mask.float().mean() if self.args.paste_prob > 0 else torch.zeros(())}
+
+
+# --- Loss ---
+
+
+# Same as dupr.py
+def info_nce(q, k, queue, tau):
+    """InfoNCE (MoCo eq. 1) in fp32, also under bf16 autocast. q, k: (N, D) positives row by row; queue: (K, D)."""
+    with torch.autocast(q.device.type, enabled=False):  # autocast would run the (N, K) matmul in bf16
+        q, k, queue = q.float(), k.float(), queue.float()
+        l_pos = (q * k).sum(dim=1, keepdim=True)  # (N, 1)
+        l_neg = q @ queue.t()  # (N, K)
+        logits = torch.cat([l_pos, l_neg], dim=1) / tau  # (N, 1 + K); the positive is class 0
+        target = torch.zeros(len(q), dtype=torch.long, device=q.device)
+        acc = (l_pos[:, 0] > l_neg.max(dim=1).values).float().mean()  # ties count as wrong
+        return F.cross_entropy(logits, target), acc
+
+
+# --- Training loop ---
+
+
+# Same as dupr.py
+def train_one_epoch(model, loader, optimizer, epoch, args, log):
+    """One epoch (or --steps iterations): cosine lr per iteration, bf16 autocast, NaN guard, logs."""
+    model.train()
+    steps = min(args.steps, len(loader)) if args.steps else len(loader)
+    sums, counts, end = {}, {}, time.time()
+    since, window, waited = end, 0, 0.0  # img/s and data time average the steps since the last line
+    for it, batch in enumerate(loader):
+        if it == steps:
+            break
+        data_time = time.time() - end
+        lr = args.lr_actual * 0.5 * (1 + math.cos(math.pi * (epoch + it / steps) / args.epochs))
+        for group in optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # insloc.py's --head-lr-scale
+        batch = [t.to(args.device, non_blocking=True) for t in batch]
+        if args.channels_last:  # NHWC convolutions are faster under bf16 on GPUs
+            batch = [t.to(memory_format=torch.channels_last) if t.dim() == 4 else t for t in batch]
+        with torch.autocast(args.device.type, dtype=torch.bfloat16, enabled=args.amp):
+            loss, terms = model(*batch)
+        if not math.isfinite(loss.item()):
+            path = os.path.join(args.output_dir, "checkpoint.pth")
+            kept = "no checkpoint was written yet"
+            kept = f"the last good checkpoint {path} is kept" if os.path.exists(path) else kept
+            raise SystemExit(f"error: loss is {loss.item()} at epoch {epoch + 1} iteration {it + 1}; {kept}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        terms = {name: float(value) for name, value in terms.items()}
+        for name, value in terms.items():  # a term a step leaves out (DUPR: no overlap) is not averaged
+            sums[name] = sums.get(name, 0.0) + value
+            counts[name] = counts.get(name, 0) + 1
+        end, window, waited = time.time(), window + 1, waited + data_time
+        if it % args.print_freq == 0 or it == steps - 1:
+            log({"epoch": epoch, "iteration": it, "steps": steps, "lr": lr, **terms,
+                 "img_per_s": window * args.batch_size / (end - since), "data_time": waited / window,
+                 "step_time": (end - since) / window, "memory_mb": peak_memory_mb(args)})
+            since, window, waited = end, 0, 0.0
+    return {name: value / counts[name] for name, value in sums.items()}
+
+
+# --- Preview: --preview N ---
+
+
+# Same as dupr.py
+def to_picture(tensor, size):
+    """A normalised (3, H, W) view back to a PIL image."""
+    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
+    array = ((tensor * std + mean).clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
+    return Image.fromarray(array).resize((size, size))
+
+
+def write_preview(dataset, args, cell=128):
+    """Per sample: original | mask | view-1 source | view-2 source | view 1 | view 2; a source is the
+    original with the view's crop window (outlined) as the view sees it, pasted or not."""
+    columns = ["original", "mask", "source q", "source k", "view q", "view k"]
+    sheet = Image.new("RGB", (cell * len(columns), 16 + cell * args.preview + 34), "white")  # + legend
+    draw, text = ImageDraw.Draw(sheet), font(12)
+    for c, name in enumerate(columns):
+        draw.text((c * cell + 4, 2), name, fill="black", font=text)
+    for row in range(args.preview):
+        image, mask, has_mask, sources, views = dataset.sample(row)
+        mask = (mask.convert("RGB") if mask is not None
+                else Image.new("RGB", image.size, "red" if not has_mask else "gray"))
+        cells = [image, mask]
+        for window, box, _ in sources:
+            source = image.copy()
+            source.paste(TF.to_pil_image(window), box[:2])
+            ImageDraw.Draw(source).rectangle((box[0], box[1], box[2] - 1, box[3] - 1), outline="yellow", width=2)
+            cells.append(source)
+        views = photometric(torch.stack(views), draw_colour(2))  # as the training step colours them
+        cells = [c.resize((cell, cell)) for c in cells] + [to_picture(v, cell) for v in views]
+        for c, picture in enumerate(cells):
+            sheet.paste(picture, (c * cell, 16 + row * cell))
+        for c, (_, _, was_pasted) in enumerate(sources):
+            draw.text((4 + (2 + c) * cell, 20 + row * cell), "pasted" if was_pasted else "original", fill="yellow",
+                      font=text)
+    draw.text((4, 17 + cell * args.preview), "mask: saliency (red: none); source: the original with the view's crop\n"
+              "window (yellow), pasted or not", fill="black", font=text)
+    os.makedirs(args.output_dir, exist_ok=True)
+    path = os.path.join(args.output_dir, "preview.png")
+    sheet.save(path)
+    print(f"wrote {path}")
+
+
+# --- Saliency: RBD ---
+# Zhu et al., "Saliency Optimization from Robust Background Detection", CVPR 2014, after the authors'
+# reference code; numpy only, one image at a time. The masks CopyPasteTwoViews pastes with: --saliency rbd
+# (on the fly) or --make-saliency (once).
 
 RBD_MAX_SIDE = 400  # NOTE: larger images are estimated at this size (ImageNet is ~400x350)
 
@@ -290,7 +440,8 @@ def slic(lab, n_segments, compactness=20.0, iterations=10):
         means = (sums / np.maximum(counts, 1)).astype(np.float32)
         centres = means if centres is None else np.where(counts > 0, means, centres)  # (cells, 5)
         near = centres[candidates]  # (cells, 9, 5)
-        distance = (near ** 2).sum(-1)[:, None] - 2 * blocks @ near.transpose(0, 2, 1)  # (cells, sy*sx, 9); |p|^2 dropped
+        # |p|^2 is the same for all 9 candidates of a pixel: dropped
+        distance = (near ** 2).sum(-1)[:, None] - 2 * blocks @ near.transpose(0, 2, 1)  # (cells, sy*sx, 9)
         labels = np.take_along_axis(candidates, distance.argmin(-1), 1).ravel()
     labels = labels.reshape(rows, cols, sy, sx).transpose(0, 2, 1, 3).reshape(rows * sy, cols * sx)[:H, :W]
     return np.unique(labels, return_inverse=True)[1].reshape(H, W)
@@ -329,7 +480,8 @@ def otsu_threshold(values):
 def rbd_saliency(image, sigma_spa=0.4, mu=0.1, lambda_bg=5.0):
     """RBD saliency of a PIL image -> (H, W) float32 map in [0, 1] at the image's resolution."""
     scale = min(1.0, RBD_MAX_SIDE / max(image.size))
-    small = image.convert("RGB").resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.BILINEAR)
+    small = image.convert("RGB").resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+                                        Image.BILINEAR)
     lab = rgb_to_lab(np.asarray(small))
     H, W = lab.shape[:2]
     # NOTE: h*w/600 superpixels as the reference code, but at least 100 so small images get a graph
@@ -344,9 +496,11 @@ def rbd_saliency(image, sigma_spa=0.4, mu=0.1, lambda_bg=5.0):
     strips = [labels[:band], labels[-band:], labels[:, :band].T, labels[:, -band:].T]  # top, bottom, left, right
     boundary = np.bincount(np.concatenate(strips, axis=None), minlength=N) > 0
     d_app, d_spa = (np.sqrt(((f[:, None] - f[None]) ** 2).sum(-1)) for f in (colour, position))  # (N, N) Lab, xy
-    # NOTE: adaptive parameters as the reference's EstimateDynamicParas, not the paper's fixed ones: meanMin1 / meanMin2 =
-    # mean Lab distance to the nearest 1-ring / 2-ring neighbour, meanTop = mean of the largest 1% of neighbour distances.
-    mean_min1, mean_min2 = (np.where(ring & ~np.eye(N, dtype=bool), d_app, np.inf).min(1).mean() for ring in (ring1, ring2))
+    # NOTE: adaptive parameters as the reference's EstimateDynamicParas, not the paper's fixed ones:
+    # meanMin1 / meanMin2 = mean Lab distance to the nearest 1-ring / 2-ring neighbour, meanTop = mean
+    # of the largest 1% of neighbour distances.
+    mean_min1, mean_min2 = (np.where(ring & ~np.eye(N, dtype=bool), d_app, np.inf).min(1).mean()
+                            for ring in (ring1, ring2))
     edges = np.sort(d_app[np.triu(ring1, 1)])[::-1]
     mean_top = edges[:max(1, round(0.01 * len(edges)))].mean() if len(edges) else 0.0  # no pair: a 1-superpixel image
     sigma_geo, sigma_clr = max(5, min(10, 3 * mean_min1, mean_top / 10)), min(3 * mean_min1, 0.2 * mean_top, 20)
@@ -356,11 +510,13 @@ def rbd_saliency(image, sigma_spa=0.4, mu=0.1, lambda_bg=5.0):
     S_geo = gaussian_weights(d_geo, sigma_geo)  # (N, N) soft "same region"
     bnd_con = S_geo[:, boundary].sum(1) / np.sqrt(S_geo.sum(1))  # Len_bnd / sqrt(Area)
     w_bg = 1 - np.exp(-bnd_con ** 2 / 2)  # eq. 2: background probability, sigma_bndCon = 1
-    w_ctr = (d_app * gaussian_weights(d_spa, sigma_spa)) @ w_bg  # eq. 5; NOTE: sigma_spa 0.4 as the reference (paper: 0.25)
+    # Eq. 5. NOTE: sigma_spa 0.4 as the reference (paper: 0.25).
+    w_ctr = (d_app * gaussian_weights(d_spa, sigma_spa)) @ w_bg
     w_fg = (w_ctr - w_ctr.min()) / (w_ctr.max() - w_ctr.min() + 1e-12)
     w_fg[w_fg < otsu_threshold(w_fg)] = 0  # NOTE: not in the paper; the reference zeroes what is below Otsu's threshold
-    # Eq. 9, a linear system: min sum w_bg s^2 + sum w_fg (s - 1)^2 + sum_ij w_ij (s_i - s_j)^2. NOTE: as the reference,
-    # not the paper: w_ij over 2-ring neighbours and boundary pairs (+ mu on the 1-ring), lambda_bg 5, w_bg 1000 where BndCon > 3.
+    # Eq. 9, a linear system: min sum w_bg s^2 + sum w_fg (s - 1)^2 + sum_ij w_ij (s_i - s_j)^2.
+    # NOTE: as the reference, not the paper: w_ij over 2-ring neighbours and boundary pairs (+ mu on
+    # the 1-ring), lambda_bg 5, w_bg 1000 where BndCon > 3.
     w_ij = gaussian_weights(np.where(ring2 | boundary_pairs, d_app, np.inf), sigma_clr) + mu * ring1
     system = np.diag(w_ij.sum(1) + lambda_bg * np.where(bnd_con > 3, 1000, w_bg) + w_fg) - w_ij
     s = np.linalg.solve(system, w_fg)
@@ -438,113 +594,11 @@ def make_saliency(args):
     return {"written": len(todo) - len(failed), "existed": len(mine) - len(todo), "failed": failed}
 
 
-# ---------------------------------------------------------------------------------------
-# Model: MoCo v2 encoder = ResNet + MLP head, key encoder, queue
-# ---------------------------------------------------------------------------------------
+# --- Plumbing: distributed setup, seeds, memory, logging, checkpoints ---
 
 
-class Encoder(nn.Module):
-    def __init__(self, arch, dim=128):
-        super().__init__()
-        self.backbone = ResNetTrunk(arch)
-        C = self.backbone.channels[-1]
-        self.head = nn.Sequential(nn.Linear(C, C), nn.ReLU(inplace=True), nn.Linear(C, dim))
-
-    def forward(self, x):
-        c5 = self.backbone(x)[-1]  # (N, C, h, w)
-        return F.normalize(self.head(c5.mean(dim=(2, 3))), dim=1)  # (N, 128)
-
-
-class DiLo(nn.Module):
-    def __init__(self, args):
-        super().__init__()
-        self.args = args
-        encoder = Encoder(args.arch)
-        # Ghost BN (common.py): BN statistics over groups of --bn-batch samples, on both encoders
-        self.encoder_q = convert_to_ghost_batchnorm(encoder, args.batch_size // world_size(), args.bn_batch)
-        self.encoder_k = copy.deepcopy(self.encoder_q).requires_grad_(False)
-        self.queue = MomentumQueue(args.queue_size)
-
-    def forward(self, im_q, im_k, pasted, has_mask, colour=None):
-        """colour (N, 2, 12): MoCo v2's colour part for the uint8 views; None: float inputs, ready."""
-        if colour is not None:
-            im_q, im_k = photometric(im_q, colour[:, 0]), photometric(im_k, colour[:, 1])
-        q = self.encoder_q(im_q)  # (N, 128)
-        ema_update(self.encoder_k, self.encoder_q, self.args.ema)
-        k = shuffled_key_forward(self.encoder_k, (im_k,))  # (N, 128)
-        loss, acc = info_nce(q, k, self.queue.keys.clone(), self.args.temperature)  # enqueue writes in place
-        self.queue.enqueue(k)
-        return loss, {"loss": loss.detach(), "acc": acc,  # and what the data loader did:
-                      "pasted": pasted.float().mean(),
-                      "no_mask": 1 - has_mask.float().mean() if self.args.paste_prob > 0 else torch.zeros(())}
-
-
-# ---------------------------------------------------------------------------------------
-# Loss
-# ---------------------------------------------------------------------------------------
-
-
-def info_nce(q, k, queue, tau):  # Same as in dupr.py, detco.py, insloc.py
-    """InfoNCE (MoCo eq. 1) in fp32, also under bf16 autocast. q, k: (N, D) positives row by row; queue: (K, D)."""
-    with torch.autocast(q.device.type, enabled=False):  # autocast would run the (N, K) matmul in bf16
-        q, k, queue = q.float(), k.float(), queue.float()
-        l_pos = (q * k).sum(dim=1, keepdim=True)  # (N, 1)
-        l_neg = q @ queue.t()  # (N, K)
-        logits = torch.cat([l_pos, l_neg], dim=1) / tau  # (N, 1 + K); the positive is class 0
-        target = torch.zeros(len(q), dtype=torch.long, device=q.device)
-        acc = (l_pos[:, 0] > l_neg.max(dim=1).values).float().mean()  # ties count as wrong
-        return F.cross_entropy(logits, target), acc
-
-
-# ---------------------------------------------------------------------------------------
-# Training loop
-# ---------------------------------------------------------------------------------------
-
-
-def train_one_epoch(model, loader, optimizer, epoch, args, log):  # Same as in dupr.py, detco.py, insloc.py
-    """One epoch (or --steps iterations): cosine lr per iteration, bf16 autocast, NaN guard, logs."""
-    model.train()
-    steps = min(args.steps, len(loader)) if args.steps else len(loader)
-    sums, counts, end = {}, {}, time.time()
-    since, window, waited = end, 0, 0.0  # img/s and data time average the steps since the last line
-    for it, batch in enumerate(loader):
-        if it == steps:
-            break
-        data_time = time.time() - end
-        lr = args.lr_actual * 0.5 * (1 + math.cos(math.pi * (epoch + it / steps) / args.epochs))
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        batch = [t.to(args.device, non_blocking=True) for t in batch]
-        if args.channels_last:  # NHWC convolutions are faster under bf16 on GPUs
-            batch = [t.to(memory_format=torch.channels_last) if t.dim() == 4 else t for t in batch]
-        with torch.autocast(args.device.type, dtype=torch.bfloat16, enabled=args.amp):
-            loss, terms = model(*batch)
-        if not math.isfinite(loss.item()):
-            kept = os.path.join(args.output_dir, "checkpoint.pth")
-            raise SystemExit(f"error: loss is {loss.item()} at epoch {epoch + 1} iteration {it + 1}; " + (
-                f"the last good checkpoint {kept} is kept" if os.path.exists(kept) else "no checkpoint was written yet"))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        terms = {name: float(value) for name, value in terms.items()}
-        for name, value in terms.items():  # a term a step leaves out (DUPR: no overlap) is not averaged
-            sums[name] = sums.get(name, 0.0) + value
-            counts[name] = counts.get(name, 0) + 1
-        end, window, waited = time.time(), window + 1, waited + data_time
-        if it % args.print_freq == 0 or it == steps - 1:
-            log({"epoch": epoch, "iteration": it, "steps": steps, "lr": lr, **terms,
-                 "img_per_s": window * args.batch_size / (end - since), "data_time": waited / window,
-                 "step_time": (end - since) / window, "memory_mb": peak_memory_mb(args)})
-            since, window, waited = end, 0, 0.0
-    return {name: value / counts[name] for name, value in sums.items()}
-
-
-# ---------------------------------------------------------------------------------------
-# Plumbing: distributed setup, checkpoints, logging, preview. Same as in dupr.py.
-# ---------------------------------------------------------------------------------------
-
-
-def setup_distributed(args):  # Same as in dupr.py, detco.py, insloc.py
+# Same as dupr.py
+def setup_distributed(args):
     args.world_size, args.rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     if torch.cuda.is_available():
         args.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -559,6 +613,7 @@ def setup_distributed(args):  # Same as in dupr.py, detco.py, insloc.py
     args.lr_actual = args.lr * args.batch_size / 256
 
 
+# Same as dupr.py
 def seed_everything(seed):
     """Every epoch reseeds from (seed, epoch, rank), so a resumed run replays the same randomness."""
     torch.manual_seed(seed)
@@ -566,13 +621,15 @@ def seed_everything(seed):
     np.random.seed(seed % 2**32)
 
 
+# Same as dupr.py
 def peak_memory_mb(args):
     if args.device.type == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def make_logger(args, start_epoch):  # Same as in dupr.py, detco.py, insloc.py
+# Same as dupr.py
+def make_logger(args, start_epoch):
     """log(row): on the main process, a row of output-dir/log.jsonl with the wall-clock time, the time since
     this start and, in progress rows, the ETA of the whole run; and a console line. The first row of a start
     holds the arguments. A resume drops the rows of the epochs it redoes, so that no row is duplicated."""
@@ -589,7 +646,8 @@ def make_logger(args, start_epoch):  # Same as in dupr.py, detco.py, insloc.py
         with open(path, "a") as f:
             f.write(json.dumps(row) + "\n")
         accuracy = [value for name, value in row.items() if name.startswith("acc")]
-        where = f"{row['time'][5:]} +{hms(row['elapsed_s'])} epoch {row.get('epoch', args.epochs - 1) + 1}/{args.epochs}"
+        epoch = row.get("epoch", args.epochs - 1) + 1  # 1-based
+        where = f"{row['time'][5:]} +{hms(row['elapsed_s'])} epoch {epoch}/{args.epochs}"
         scores = f"loss {row.get('loss', math.nan):.4f} acc {sum(accuracy) / max(len(accuracy), 1):.3f}"
         if "iteration" in row:
             print(f"{where} [{row['iteration'] + 1}/{row['steps']}] {scores} lr {row['lr']:.5f} {row['img_per_s']:.1f} "
@@ -598,8 +656,8 @@ def make_logger(args, start_epoch):  # Same as in dupr.py, detco.py, insloc.py
         elif "checkpoint" in row:
             print(f"{where} done: {scores} (epoch means); saved {row['checkpoint']}", flush=True)
         elif row.get("event") == "done":
-            print(f"done: epochs {start_epoch + 1}-{args.epochs} in {hms(row['elapsed_s'])}; checkpoint.pth, backbone.pth, "
-                  f"log.jsonl, loss.png in {args.output_dir}", flush=True)
+            print(f"done: epochs {start_epoch + 1}-{args.epochs} in {hms(row['elapsed_s'])}; checkpoint.pth, "
+                  f"backbone.pth, log.jsonl, loss.png in {args.output_dir}", flush=True)
 
     if args.is_main:  # the output directory appears only now, as training starts
         os.makedirs(args.output_dir, exist_ok=True)
@@ -614,9 +672,10 @@ def make_logger(args, start_epoch):  # Same as in dupr.py, detco.py, insloc.py
     return log
 
 
-def load_checkpoint(model, optimizer, args):  # Same as in dupr.py, detco.py, insloc.py
+# Same as dupr.py
+def load_checkpoint(model, optimizer, args):
     """The epoch to start from: 0, or that of the checkpoint all ranks agree on, if its recipe is ours."""
-    checkpoint = agreed_checkpoint("dilo", args)
+    checkpoint = agreed_checkpoint(METHOD, args)
     if checkpoint is None:
         return 0
     start_epoch = resume_epoch(checkpoint, args)
@@ -625,9 +684,10 @@ def load_checkpoint(model, optimizer, args):  # Same as in dupr.py, detco.py, in
     return start_epoch
 
 
+# Same as dupr.py
 def save_checkpoint(model, optimizer, epoch, args):
     """checkpoint.pth (everything to resume) and backbone.pth (torchvision keys), atomically."""
-    state = {"method": "dilo", "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+    state = {"method": METHOD, "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
              "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, type(None)))}}
     for name, obj in (("checkpoint.pth", state), ("backbone.pth", model.encoder_q.backbone.state_dict())):
         path = os.path.join(args.output_dir, name)
@@ -635,112 +695,15 @@ def save_checkpoint(model, optimizer, epoch, args):
         os.replace(path + ".tmp", path)
 
 
-def to_picture(tensor, size):
-    """A normalised (3, H, W) view back to a PIL image."""
-    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
-    array = ((tensor * std + mean).clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
-    return Image.fromarray(array).resize((size, size))
-
-
-def write_preview(dataset, args, cell=128):
-    """Per sample: original | mask | view-1 source | view-2 source | view 1 | view 2; a source is the
-    original with the view's crop window (outlined) as the view sees it, pasted or not."""
-    columns = ["original", "mask", "source q", "source k", "view q", "view k"]
-    sheet = Image.new("RGB", (cell * len(columns), 16 + cell * args.preview + 34), "white")  # + legend
-    draw, text = ImageDraw.Draw(sheet), font(12)
-    for c, name in enumerate(columns):
-        draw.text((c * cell + 4, 2), name, fill="black", font=text)
-    for row in range(args.preview):
-        image, mask, has_mask, sources, views = dataset.sample(row)
-        mask = mask.convert("RGB") if mask is not None else Image.new("RGB", image.size, "red" if not has_mask else "gray")
-        cells = [image, mask]
-        for window, box, _ in sources:
-            source = image.copy()
-            source.paste(TF.to_pil_image(window), box[:2])
-            ImageDraw.Draw(source).rectangle((box[0], box[1], box[2] - 1, box[3] - 1), outline="yellow", width=2)
-            cells.append(source)
-        views = photometric(torch.stack(views), draw_colour(2))  # as the training step colours them
-        cells = [c.resize((cell, cell)) for c in cells] + [to_picture(v, cell) for v in views]
-        for c, picture in enumerate(cells):
-            sheet.paste(picture, (c * cell, 16 + row * cell))
-        for c, (_, _, was_pasted) in enumerate(sources):
-            draw.text((4 + (2 + c) * cell, 20 + row * cell), "pasted" if was_pasted else "original", fill="yellow",
-                      font=text)
-    draw.text((4, 17 + cell * args.preview), "mask: saliency (red: none); source: the original with the view's crop\n"
-              "window (yellow), pasted or not", fill="black", font=text)
-    os.makedirs(args.output_dir, exist_ok=True)
-    path = os.path.join(args.output_dir, "preview.png")
-    sheet.save(path)
-    print(f"wrote {path}")
-
-
-# ---------------------------------------------------------------------------------------
-# Diagnosis (paper "Diagnosing Self-Supervised Models", Fig. 2 and 5): nearest neighbours
-# in embedding space and the input gradient of the embedding, for any backbone of this repo
-# ---------------------------------------------------------------------------------------
-
-def embed(trunk, x):
-    return F.normalize(trunk(x)[-1].mean(dim=(2, 3)), dim=1)  # (N, C): pooled c5, any method's backbone
-
-
-def diagnose(args, queries=6, k=3, cell=128):
-    """`--diagnose CKPT`: per query (--data), its top-k neighbours in a held-out set and |d sim / d pixel|.
-    (The view-retrieval probe of any backbone is in insloc.py --readout.)"""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    trunk, _ = load_backbone(args.diagnose, "--diagnose")
-    trunk = trunk.to(device)
-    if args.data == "synthetic":
-        query_source, held_out = ToyWorld(queries, args.image_size * 8 // 7), ToyWorld(200, args.image_size * 8 // 7, "val")
-    else:  # held out: DATA/val if present, else the images after the queries
-        query_source = ImageFolderSource(args.data)
-        val = os.path.join(args.data, "val")
-        held_out = ImageFolderSource(val) if os.path.isdir(val) else torch.utils.data.Subset(query_source, range(queries, len(query_source)))
-    crop = T.Compose([T.Resize(args.image_size), T.CenterCrop(args.image_size)])
-    prepare = T.Compose([crop, T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-    with torch.no_grad():  # the held-out embeddings, 64 images at a time
-        batches = [range(start, min(start + 64, len(held_out))) for start in range(0, len(held_out), 64)]
-        keys = torch.cat([embed(trunk, torch.stack([prepare(held_out[i][0]) for i in b]).to(device)) for b in batches])  # (G, C)
-    columns = ["query", "input gradient"] + [f"neighbour {i + 1}" for i in range(k)]
-    sheet = Image.new("RGB", (cell * len(columns), 16 + cell * queries), "white")
-    draw, text = ImageDraw.Draw(sheet), font(12)
-    for c, name in enumerate(columns):
-        draw.text((c * cell + 4, 2), name, fill="black", font=text)
-    found = []
-    for row in range(queries):
-        x = prepare(query_source[row][0])[None].to(device).requires_grad_(True)  # (1, 3, S, S)
-        similarity, neighbours = (keys @ embed(trunk, x)[0]).topk(k)
-        # NOTE: the paper back-propagates a linear classifier trained with labels; without labels
-        # we back-propagate what makes the neighbours neighbours: their summed similarity.
-        similarity.sum().backward()
-        gradient = x.grad[0].abs().amax(0)  # (S, S) per-pixel max over RGB
-        gradient = (gradient / gradient.flatten().quantile(0.99).clamp_min(1e-12)).clamp(0, 1)
-        cells = [crop(query_source[row][0]), Image.fromarray(np.uint8(255 * gradient.cpu().numpy()))]
-        cells += [crop(held_out[int(i)][0]) for i in neighbours]
-        for c, picture in enumerate(cells):
-            sheet.paste(picture.convert("RGB").resize((cell, cell)), (c * cell, 16 + row * cell))
-        for c, value in enumerate(similarity.tolist()):
-            draw.text(((2 + c) * cell + 4, 20 + row * cell), f"cos {value:.3f}", fill="yellow", font=text,
-                      stroke_width=1, stroke_fill="black")  # legible on any image
-        found.append(neighbours.cpu())
-    os.makedirs(args.output_dir, exist_ok=True)
-    path = os.path.join(args.output_dir, "diagnosis.png")
-    sheet.save(path)
-    print(f"wrote {path}: {queries} queries, top-{k} of {len(keys)} held-out images")
-    return torch.stack(found)  # (queries, k) indices into the held-out set
-
-
-# ---------------------------------------------------------------------------------------
-# Main
-# ---------------------------------------------------------------------------------------
+# --- Main ---
 
 
 def main(args):
     if args.make_saliency:
         return make_saliency(args)
-    if args.diagnose:
-        return diagnose(args)
     setup_distributed(args)
-    source = open_source(args.data, TINY_IMAGES if args.tiny else 5000, args.image_size * 8 // 7, min_side=args.image_size)
+    source = open_source(args.data, TINY_IMAGES if args.tiny else 5000, args.image_size * 8 // 7,
+                         min_side=args.image_size)
     dataset = CopyPasteTwoViews(source, args)
     if args.preview:
         return write_preview(dataset, args) if args.is_main else None
@@ -758,16 +721,19 @@ def main(args):
         count = lambda module: sum(p.numel() for p in module.parameters())
         print(f"world size {args.world_size}, device {args.device}, global batch {args.batch_size}, "
               f"lr {args.lr_actual:.4f} (= {args.lr} x {args.batch_size}/256), {len(dataset)} images, "
-              f"backbone {count(model.encoder_q.backbone) / 1e6:.2f}M, head {count(model.encoder_q.head) / 1e6:.2f}M params")
+              f"backbone {count(model.encoder_q.backbone) / 1e6:.2f}M, "
+              f"head {count(model.encoder_q.head) / 1e6:.2f}M params")
         print(batchnorm_groups(args), flush=True)
     ddp_model = model
     if args.world_size > 1:  # the queues are identical on every rank already: DDP must not broadcast buffers
         # before each forward. torch >= 2.13 calls that forward_sync_buffers and warns on broadcast_buffers.
         new = "forward_sync_buffers" in inspect.signature(nn.parallel.DistributedDataParallel).parameters
-        ddp_model = nn.parallel.DistributedDataParallel(model, **{"forward_sync_buffers" if new else "broadcast_buffers": False})
+        ddp_model = nn.parallel.DistributedDataParallel(
+            model, **{"forward_sync_buffers" if new else "broadcast_buffers": False})
     sampler = torch.utils.data.DistributedSampler(dataset, args.world_size, args.rank, seed=args.seed, drop_last=True)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size // args.world_size, sampler=sampler,
-                                         num_workers=args.workers, pin_memory=args.device.type == "cuda", drop_last=True)
+                                         num_workers=args.workers, pin_memory=args.device.type == "cuda",
+                                         drop_last=True)
     if len(loader) == 0:
         raise SystemExit(f"error: {len(dataset)} images give no full batch of {args.batch_size}")
     log = make_logger(args, start_epoch)

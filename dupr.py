@@ -1,67 +1,28 @@
-"""DUPR: Deeply Unsupervised Patch Re-ID for Pre-training Object Detectors.
+"""DUPR: Deeply Unsupervised Patch Re-Identification for Pre-training Object Detectors.
 
 Ding, Xie, Xu, Jiang, Li, Luo, Xia, IEEE TPAMI 2024, arXiv:2103.04814 (sec. 3.2).
-No official code was released; every choice the paper leaves open is a NOTE below.
+No official code was released; every choice the paper leaves open is a NOTE at the code it governs.
 
-Idea: MoCo v2 whose contrast is (1) image-level on four backbone levels conv2_x..conv5_x
-(sec. 3.2.2) and (2) patch Re-ID (sec. 3.2.1): the intersection B of the two crops is cut
-into an S x S grid in each view with RoIAlign; the patch at grid position p in view 1 and
-the patch at p in view 2 show the same part of the original image and are a positive
-pair; patches of other images (a queue per level) are the negatives. Positives are found
-by geometry, not by feature similarity, so the feature maps learn to tell places apart.
+Idea: MoCo v2 whose contrast is (1) image-level on four backbone levels conv2_x..conv5_x (sec. 3.2.2) and
+(2) patch Re-ID (sec. 3.2.1): the intersection B of the two crops is cut into an S x S grid in each view
+with RoIAlign; the patch at grid position p in view 1 and the patch at p in view 2 show the same part of the
+original image and are a positive pair; patches of other images (a queue per level) are the negatives.
+Positives are found by geometry, not by feature similarity, so the feature maps learn to tell places apart.
 
     python dupr.py --tiny                                    # toy world, CPU, 300 steps: all six terms fall
     python dupr.py --tiny --preview 8                        # both views, B and its S x S grid
     torchrun --nproc_per_node=8 dupr.py --data /imagenet
     torchrun --nnodes=2 --node_rank=0 --master_addr=HOST --master_port=29500 \\
         --nproc_per_node=8 dupr.py --data /imagenet
+    python -m tools.iou_curve runs/dupr/backbone.pth B/backbone.pth   # Fig. 6 (eq. 9), Fig. 7 on frozen backbones
 
-Recipe (defaults, the paper's ablation setting, sec. 3.2.3): MoCo v2 augmentation,
-ResNet-50, loss eq. 2 with alpha = (0.1, 0.4, 0.7, 1.0) on conv2..conv5 and
-beta = (0, 0, 1, 1), S = 14 on conv4_x and 7 on conv5_x, tau 0.2, one queue of
-K = 65536 per loss term, 32 patch keys enqueued per 256 images, m 0.999, lr 0.06 per 256,
-cosine, 200 epochs.
-Expected (paper Table VII b, this recipe): VOC07+12 Faster R-CNN R50-C4 AP 58.5 / AP50 83.2
-/ AP75 65.2; COCO Mask R-CNN R50-FPN 1x AP_bb 40.0 / AP_mk 36.2 (MoCo v2: 57.0 / 38.9).
-The main table (VOC AP 59.0) adds RandAugment and tau 0.15.
-
-NOTE: S. Sec. 3.2.3 once says "S on conv5_x and conv4_x are 14 and 7", but the same
-paragraph's memory-bank text, sec. 4.5.3 and Table VII say S = 7 on conv5_x and 14 on
-conv4_x (S = the feature map's side at 224 px); we follow the latter. conv2/conv3 default
-to their map sides (56, 28) by the same rule; they are used only if beta > 0 there.
-NOTE: eq. 7 sums over positions p; a level's patch loss here is the MEAN over all valid
-(image, position) queries of the batch, so conv4 (196 cells) and conv5 (49) weigh alike.
-NOTE: heads. h^(m) (image): global average pool -> Linear(C, C) -> ReLU -> Linear(C, 128),
-MoCo v2's head, one per level. g^(m) (patch): the paper's "pixel-wise MLP implemented by a
-1x1 convolution", read as Conv1x1(C, C) -> ReLU -> Conv1x1(C, 128), on the RoIAlign output.
-Every embedding is L2-normalised (per position for patches). g_2, h_2 are the momentum copies.
-NOTE: the loss is asymmetric (view 1 = query, view 2 = key), as MoCo v2.
-NOTE: patch negatives are the queue only (eq. 7), not other cells of the batch.
-NOTE: "in a batch with 256 images, we sample 32 patch features": --patch-enqueue 32 key patch
-vectors per patch level and step per 256 images of GLOBAL batch, split over the processes (each
-enqueues its share, at least 1), drawn uniformly without replacement from the valid (image,
-position) pairs of its local batch. So the queues refresh at the same rate on any GPU count.
-NOTE: "no overlap" includes a degenerate intersection less than one original pixel wide or
-tall. Such a pair adds no patch loss and no patch keys; its image loss is kept; a batch with no
-overlapping pair is left out of the patch terms' epoch means. The share of such pairs is logged
-(`no_overlap`). The paper saw 51 of 1,472 (3.5%); MoCo v2 crops (scale 0.2-1) of a 500 x 375
-image give 0.4% (500 x 333: 1.2%), and scale 0.08-1 would give 3.0%: the authors' crops likely
-differed. We keep MoCo v2's crops (the paper's ablation setting says MoCo v2 augmentation).
-NOTE: the geometry. Each view records its crop box in original pixels and its flip flag.
-B is mapped into a view by x' = (x - crop_x1) * view_w / crop_w, then mirrored for a flipped
-view (x' -> view_w - x', endpoints swapped); the S x S RoIAlign output of a flipped view is
-reversed along its width, so cell (r, c) covers the same original pixels in both views
-(`intersection_in_views`, `roi_grid`; test_dupr_geometry checks it on coordinate images).
-NOTE: a level whose alpha (beta) is 0 has no image (patch) head and no queue.
-NOTE: cost. Eq. 7 makes each of the N x S*S cells a query against the whole queue: at K 65536
-and 32 images per GPU conv4 and conv5 give 7,840 x 65,537 logits (2.1 GB fp32), about 25% more
-FLOPs than a MoCo v2 step; the 1x1-conv patch heads add about 11% (docs/benchmarks.md). The patch
-InfoNCE runs --patch-chunk rows at a time (ChunkedInfoNCE): the same loss, in bounded memory.
-NOTE: RoIAlign runs in fp32 (common.roi_align_boxes casts features and boxes; bf16 boxes would
-round by up to 0.5 px at 224) with adaptive sampling, ceil(bin side / feature cell) points a
-side. The paper does not say; adaptive is Detectron2's default (the paper fine-tunes with it)
-and InsLoc's release. B is at most the view, so with S = the map's side a bin is at most one
-cell and is read at its centre, where a fixed 2 x 2 would only smooth within the cell.
+Recipe (defaults, the paper's ablation setting, sec. 3.2.3): MoCo v2 augmentation, ResNet-50, loss eq. 2
+with alpha = (0.1, 0.4, 0.7, 1.0) on conv2..conv5 and beta = (0, 0, 1, 1), S = 14 on conv4_x and 7 on
+conv5_x, tau 0.2, one queue of K = 65536 per loss term, 32 patch keys enqueued per 256 images, m 0.999,
+lr 0.06 per 256, cosine, 200 epochs.
+Expected (paper Table VII b, this recipe): VOC07+12 Faster R-CNN R50-C4 AP 58.5 / AP50 83.2 / AP75 65.2;
+COCO Mask R-CNN R50-FPN 1x AP_bb 40.0 / AP_mk 36.2 (MoCo v2: 57.0 / 38.9). The main table (VOC AP 59.0)
+adds RandAugment and tau 0.15.
 """
 import argparse
 import copy
@@ -79,37 +40,33 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
 import torchvision.transforms as T
 import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageDraw
 
-from common import (HeldOut, IMAGENET_MEAN, IMAGENET_STD, MomentumQueue, Progress, ResNetTrunk, UnreadableImages,
-                    agreed_checkpoint, batchnorm_groups, bench_loader, check_args, check_unreadable,
-                    convert_to_ghost_batchnorm, draw_colour, ema_update, font, load_backbone, open_source,
-                    photometric, plot_log, raise_interrupt, resume_epoch, roi_align_boxes, shuffled_key_forward,
-                    stop_interrupted, world_size)
+from common import (IMAGENET_MEAN, IMAGENET_STD, MomentumQueue, ResNetTrunk, UnreadableImages, agreed_checkpoint,
+                    batchnorm_groups, bench_loader, check_args, check_unreadable, convert_to_ghost_batchnorm,
+                    draw_colour, ema_update, font, open_source, photometric, plot_log, raise_interrupt,
+                    resume_epoch, roi_align_boxes, shuffled_key_forward, stop_interrupted, world_size)
 
-# ---------------------------------------------------------------------------------------
-# Arguments
-# ---------------------------------------------------------------------------------------
+# --- Arguments ---
 
-# NOTE: resnet18, 64 px, batch 32 and queue 96 as in dilo.py's TINY, but one epoch of 9,600 images
-# (300 steps): that is what it takes for all six loss terms to fall
-# with the paper's lr and m (docs/tiny_runs.md); MoCo v2 alone needs about 1,250
-# steps (dilo.py: TINY). Every queue gets 32 keys a step, so 96 keys are the last 3 steps: no
-# queue holds an image's own older keys as negatives (patch_enqueue 256 per 256 images = 32 per
-# step at batch 32, as the image queues). roi_size = the feature maps' sides at 64 px
-# (sec. 4.5.3: a larger S "will not acquire more useful information"; S = 14 on a 4 x 4 map
-# made a tiny step 1.6x slower).
+# NOTE: resnet18, 64 px, batch 32 and queue 96 as in dilo.py's TINY, but one epoch of 9,600 images (300 steps): that
+# is what it takes for all six loss terms to fall with the paper's lr and m (docs/tiny_runs.md); MoCo v2 alone needs
+# about 1,250 steps (dilo.py: TINY). Every queue gets 32 keys a step, so 96 keys are the last 3 steps: no queue holds
+# an image's own older keys as negatives (patch_enqueue 256 per 256 images = 32 per step at batch 32, as the image
+# queues). roi_size = the feature maps' sides at 64 px (sec. 4.5.3: a larger S "will not acquire more useful
+# information"; S = 14 on a 4 x 4 map made a tiny step 1.6x slower).
+METHOD = "dupr"  # the name its checkpoints carry
 TINY = dict(data="synthetic", arch="resnet18", image_size=64, batch_size=32, queue_size=96, bn_batch=8,
-            epochs=1, workers=2, print_freq=20, roi_size=[16, 8, 4, 2], patch_enqueue=256, analysis_images=200)
+            epochs=1, workers=2, print_freq=20, roi_size=[16, 8, 4, 2], patch_enqueue=256)
 TINY_IMAGES = 9600
 LEVELS = ("conv2", "conv3", "conv4", "conv5")  # ResNetTrunk outputs, strides 4, 8, 16, 32
 
 
 def get_args(argv=None):
-    parser = argparse.ArgumentParser(description="DUPR pretraining", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description="DUPR pretraining",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--data", default="synthetic", help="image folder (ImageNet layout aware) or 'synthetic'")
     parser.add_argument("--arch", default="resnet50", help="torchvision ResNet: resnet18/34/50/101/152")
     parser.add_argument("--epochs", type=int, default=200, help="epochs; the cosine lr schedule spans them")
@@ -121,35 +78,38 @@ def get_args(argv=None):
     parser.add_argument("--queue-size", type=int, default=65536, help="K, keys in the queue")
     parser.add_argument("--temperature", type=float, default=0.2, help="tau of InfoNCE")
     parser.add_argument("--ema", type=float, default=0.999, help="m, key encoder momentum")
-    parser.add_argument("--bn-batch", type=int, default=32, help="samples per BatchNorm group, both encoders (per-GPU batch of the paper)")
+    parser.add_argument("--bn-batch", type=int, default=32,
+                        help="samples per BatchNorm group, both encoders (per-GPU batch of the paper)")
     parser.add_argument("--output-dir", default="runs/dupr", help="checkpoint.pth, backbone.pth, log.jsonl, loss.png")
-    parser.add_argument("--resume", default="auto", help="'auto' (output-dir/checkpoint.pth if present), a path, or 'none'")
-    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast; None: on for CUDA, off on CPU")
+    parser.add_argument("--resume", default="auto",
+                        help="'auto' (output-dir/checkpoint.pth if present), a path, or 'none'")
+    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                        help="bf16 autocast; None: on for CUDA, off on CPU")
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                         help="NHWC memory format for images and weights; None: on for CUDA, off on CPU")
     parser.add_argument("--print-freq", type=int, default=10, help="iterations between log lines")
     parser.add_argument("--seed", type=int, default=0, help="seeds weights, queues and data order")
     parser.add_argument("--steps", type=int, default=0, help="cap on iterations per epoch (0 = full epoch)")
-    parser.add_argument("--tiny", action="store_true", help=f"CPU-sized recipe: {TINY_IMAGES} toy images, " + " ".join(f"{k}={v}" for k, v in TINY.items()))
+    parser.add_argument("--tiny", action="store_true", help=f"CPU-sized recipe: {TINY_IMAGES} toy images, "
+                        + " ".join(f"{k}={v}" for k, v in TINY.items()))
     parser.add_argument("--preview", type=int, default=0, help="write output-dir/preview.png with N samples, then exit")
-    parser.add_argument("--bench-loader", type=int, default=0, metavar="N", help="time N loader items on one CPU thread, then exit")
+    parser.add_argument("--bench-loader", type=int, default=0, metavar="N",
+                        help="time N loader items on one CPU thread, then exit")
     # DUPR (sec. 3.2, eq. 2; Tables VI-VII). Each list has one value per level conv2..conv5.
     parser.add_argument("--alpha", type=float, nargs=4, default=[0.1, 0.4, 0.7, 1.0],
                         help="alpha_m, image-level loss weights (eq. 2); 0 = no head, no queue")
     parser.add_argument("--beta", type=float, nargs=4, default=[0.0, 0.0, 1.0, 1.0],
                         help="beta_m, patch-level loss weights (eq. 2); 0 = no head, no queue")
+    # NOTE: S. Sec. 3.2.3 once says "S on conv5_x and conv4_x are 14 and 7", but the same paragraph's memory-bank
+    # text, sec. 4.5.3 and Table VII say S = 7 on conv5_x and 14 on conv4_x (S = the feature map's side at 224 px);
+    # we follow the latter. conv2/conv3 default to their map sides (56, 28) by that rule (used only if beta > 0 there).
     parser.add_argument("--roi-size", type=int, nargs=4, default=[56, 28, 14, 7],
                         help="S, side of the RoIAlign grid per level (used where beta > 0)")
-    parser.add_argument("--patch-enqueue", type=int, default=32,
-                        help="key patch vectors enqueued per patch level and step, per 256 images of global batch "
-                             "(split over processes, at least 1 each)")
+    parser.add_argument("--patch-enqueue", type=int, default=32, help="key patch vectors enqueued per patch level "
+                        "and step, per 256 images of global batch (split over processes, at least 1 each)")
     parser.add_argument("--patch-chunk", type=int, default=1024, metavar="ROWS",
-                        help="patch InfoNCE rows scored against the queue at a time (1024 x 65537 fp32 logits "
-                             "= 256 MB); 0 = all rows in one matrix. The same loss either way")
-    parser.add_argument("--iou-curve", nargs="+", default=[], metavar="BACKBONE", help="backbone.pth, checkpoint.pth or torchvision "
-                        "ResNet state_dict files: write output-dir/iou_curve.png/.json and correspondence.png (Fig. 6, 7), then exit")
-    parser.add_argument("--coco", nargs=2, default=None, metavar=("JSON", "DIR"), help="analysis images: a COCO annotation file and its image folder (None: the toy world's val split)")
-    parser.add_argument("--analysis-images", type=int, default=1000, help="held-out images of the analysis (Fig. 6: 1000)")
+                        help="patch InfoNCE rows scored against the queue at a time (1024 x 65537 fp32 logits = 256 "
+                             "MB); 0 = all rows in one matrix. The same loss either way")
     args = parser.parse_args(argv)
     if args.tiny:  # the tiny recipe replaces defaults only: explicit flags still win
         parser.set_defaults(**TINY)
@@ -164,18 +124,14 @@ def get_args(argv=None):
     return args
 
 
-# ---------------------------------------------------------------------------------------
-# Data: MoCo v2 views that remember their crop box and flip (sec. 3.2.1, eq. 3)
-# ---------------------------------------------------------------------------------------
+# --- Data: MoCo v2 views that remember their crop box and flip (sec. 3.2.1, eq. 3) ---
 
 
 class MoCoV2ViewWithBox:
-    """MoCo v2's geometry of one view, RandomResizedCrop then a horizontal flip with p 0.5, that also
-    returns R_v, the crop box in original pixels (x1, y1, x2, y2), and whether the view was flipped.
-
-    `size` is an int or (height, width). Input and view are (3, H, W) tensors (uint8 in training);
-    the colour part runs on the training device (common.photometric; flip commutes with it).
-    """
+    """MoCo v2's geometry of one view, RandomResizedCrop then a horizontal flip with p 0.5, that also returns R_v,
+    the crop box in original pixels (x1, y1, x2, y2), and whether the view was flipped. `size` is an int or
+    (height, width). Input and view are (3, H, W) tensors (uint8 in training); the colour part runs on the training
+    device (common.photometric; flip commutes with it)."""
 
     def __init__(self, size, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)):
         self.size = [size, size] if isinstance(size, int) else list(size)
@@ -214,11 +170,17 @@ class TwoViewsWithBoxes(torch.utils.data.Dataset):
 
 def intersection_in_views(crop_1, crop_2, flip_1, flip_2, size_1, size_2):
     """Eq. 4 and T_1, T_2 (sec. 3.2.1): the intersection B of the crops, in each view's pixels.
-
-    crop_v: (N, 4) R_v xyxy in original pixels; flip_v: (N,) bool; size_v: (width, height) of
-    view v. Returns B_1, B_2 (N, 4) xyxy in view pixels, x1 < x2 also in flipped views, and
-    valid (N,): False where the crops overlap by less than a pixel (B_v is then the whole
-    view, a placeholder that keeps RoIAlign well defined; those pairs are masked out).
+    crop_v: (N, 4) R_v xyxy in original pixels; flip_v: (N,) bool; size_v: (width, height) of view v.
+    Returns B_1, B_2 (N, 4) xyxy in view pixels, x1 < x2 also in flipped views, and valid (N,): False where the
+    crops overlap by less than a pixel (B_v is then the whole view, a placeholder that keeps RoIAlign well defined).
+    NOTE: the geometry. B is mapped into a view by x' = (x - crop_x1) * view_w / crop_w, then mirrored for a flipped
+    view (x' -> view_w - x', endpoints swapped); roi_grid reverses a flipped view's S x S output along its width, so
+    cell (r, c) covers the same original pixels in both views (test_dupr_geometry checks it on coordinate images).
+    NOTE: "no overlap" includes a degenerate intersection less than one original pixel wide or tall. Such a pair adds
+    no patch loss and no patch keys; its image loss is kept; a batch with no overlapping pair is left out of the
+    patch terms' epoch means. The share of such pairs is logged (`no_overlap`). The paper saw 51 of 1,472 (3.5%);
+    MoCo v2 crops (scale 0.2-1) of a 500 x 375 image give 0.4% (500 x 333: 1.2%), and scale 0.08-1 would give 3.0%:
+    the authors' crops likely differed. We keep MoCo v2's crops (the paper's ablation setting).
     """
     B = torch.cat([torch.maximum(crop_1[:, :2], crop_2[:, :2]), torch.minimum(crop_1[:, 2:], crop_2[:, 2:])], 1)
     valid = (B[:, 2] - B[:, 0] >= 1) & (B[:, 3] - B[:, 1] >= 1)  # (N,)
@@ -233,36 +195,39 @@ def intersection_in_views(crop_1, crop_2, flip_1, flip_2, size_1, size_2):
 
 
 def roi_grid(features, boxes, flipped, S, stride):
-    """RoIAlign(f(I_v), B_v) of eq. 5-6 -> (N, C, S, S), read in original-image orientation:
-    a flipped view's grid is reversed along its width, so that cell (r, c) covers the same
-    original pixels in both views."""
+    """RoIAlign(f(I_v), B_v) of eq. 5-6 -> (N, C, S, S) in original-image orientation (flipped: reversed in width).
+    NOTE: RoIAlign runs in fp32 (common.roi_align_boxes casts features and boxes; bf16 boxes would round by up to
+    0.5 px at 224) with adaptive sampling, ceil(bin side / feature cell) points a side. The paper does not say;
+    adaptive is Detectron2's default (the paper fine-tunes with it) and InsLoc's release. B is at most the view, so
+    with S = the map's side a bin is at most one cell and is read at its centre, where a fixed 2 x 2 would only
+    smooth within the cell."""
     grid = roi_align_boxes(features, boxes, S, stride, sampling_ratio=0)  # (N, C, S, S)
     return torch.where(flipped[:, None, None, None], grid.flip(-1), grid)
 
 
-# ---------------------------------------------------------------------------------------
-# Model: f = ResNet; h^(m) image heads, g^(m) patch heads; key encoder; one queue per term
-# ---------------------------------------------------------------------------------------
+# --- Model: f = ResNet; h^(m) image heads, g^(m) patch heads; key encoder; one queue per term ---
 
 
-def mlp_head(C, dim=128):
-    return nn.Sequential(nn.Linear(C, C), nn.ReLU(inplace=True), nn.Linear(C, dim))
-
-
+# NOTE: heads. h^(m) (image): global average pool -> Linear(C, C) -> ReLU -> Linear(C, 128), MoCo v2's head, one per
+# level. g^(m) (patch): the paper's "pixel-wise MLP implemented by a 1x1 convolution", read as
+# Conv1x1(C, C) -> ReLU -> Conv1x1(C, 128), on the RoIAlign output. Every embedding is L2-normalised (per position
+# for patches). g_2, h_2 are the momentum copies (DUPR.encoder_k).
+# NOTE: a level whose alpha (beta) is 0 has no image (patch) head and no queue.
 class Encoder(nn.Module):
     def __init__(self, arch, alpha, beta, roi_size, dim=128):
         super().__init__()
         self.backbone = ResNetTrunk(arch)
         C = dict(zip(LEVELS, self.backbone.channels))
         self.stride, self.S = dict(zip(LEVELS, self.backbone.strides)), dict(zip(LEVELS, roi_size))
-        self.image_heads = nn.ModuleDict({m: mlp_head(C[m], dim) for m, a in zip(LEVELS, alpha) if a > 0})
+        self.image_heads = nn.ModuleDict({m: nn.Sequential(  # MoCo v2's MLP head on the pooled map
+            nn.Linear(C[m], C[m]), nn.ReLU(inplace=True), nn.Linear(C[m], dim))
+            for m, a in zip(LEVELS, alpha) if a > 0})
         self.patch_heads = nn.ModuleDict({m: nn.Sequential(  # pixel-wise MLP as 1x1 convolutions (eq. 5)
             nn.Conv2d(C[m], C[m], 1), nn.ReLU(inplace=True), nn.Conv2d(C[m], dim, 1))
             for m, b in zip(LEVELS, beta) if b > 0})
 
     def forward(self, x, boxes, flipped):
-        """x (N, 3, H, W); boxes (N, 4) B in this view's pixels -> tuple of the image embeddings
-        v^(m) (N, 128) for each image head, then the patch embeddings r^(m) (N, S*S, 128)."""
+        """x (N, 3, H, W), boxes B (N, 4) in view pixels -> v^(m) (N, 128) per image head, then r^(m) (N, S*S, 128)."""
         features = dict(zip(LEVELS, self.backbone(x)))  # conv2..conv5, (N, C_m, H/stride, W/stride)
         v = [F.normalize(head(features[m].mean(dim=(2, 3))), dim=1) for m, head in self.image_heads.items()]
         r = []
@@ -290,6 +255,7 @@ class DUPR(nn.Module):
             im_q, im_k = photometric(im_q, colour[:, 0]), photometric(im_k, colour[:, 1])
         size_q, size_k = (im_q.shape[-1], im_q.shape[-2]), (im_k.shape[-1], im_k.shape[-2])  # (width, height)
         B_q, B_k, valid = intersection_in_views(crop_q, crop_k, flip_q, flip_k, size_q, size_k)
+        # NOTE: the loss is asymmetric (view 1 = query, view 2 = key), as MoCo v2.
         q = self.encoder_q(im_q, B_q, flip_q)  # v^(m) (N, 128) per image level, then r^(m) (N, S*S, 128)
         ema_update(self.encoder_k, self.encoder_q, self.args.ema)
         # Shuffle BN: the boxes and flips travel with their images; only embeddings come back.
@@ -317,27 +283,27 @@ class DUPR(nn.Module):
         return loss, {"loss": loss.detach(), **terms, "no_overlap": 1 - valid.float().mean()}
 
 
+# NOTE: sec. 3.2.3, "in a batch with 256 images, we sample 32 patch features": --patch-enqueue 32 key patch vectors
+# per patch level and step per 256 images of GLOBAL batch, split over the processes (each enqueues its share, at
+# least 1), drawn uniformly without replacement from the valid (image, position) pairs of its local batch. So the
+# queues refresh at the same rate on any GPU count.
 def patch_keys_per_process(per_256, global_batch):
-    """Sec. 3.2.3, "in a batch with 256 images, we sample 32 patch features": this process's share
-    of per_256 * global_batch / 256 keys (ranks below the remainder take one more; at least 1)."""
+    """This process's share of per_256 * global_batch / 256 keys (ranks below the remainder take one more)."""
     total = max(1, round(per_256 * global_batch / 256))
     world, rank = world_size(), dist.get_rank() if world_size() > 1 else 0
     return max(1, total // world + (rank < total % world))
 
 
 def sample_patch_keys(r_k, valid, n):
-    """Sec. 3.2.3: n key patch vectors drawn uniformly without replacement from the valid
-    (image, position) pairs -- "most patch features from a single image are similar"."""
+    """n key vectors drawn without replacement (sec. 3.2.3: "most patch features from a single image are similar")."""
     keys = r_k[valid].flatten(0, 1)  # (n_valid * S*S, 128)
     return keys[torch.randperm(len(keys), device=keys.device)[:n]]  # (min(n, n_valid * S*S), 128)
 
 
-# ---------------------------------------------------------------------------------------
-# Loss
-# ---------------------------------------------------------------------------------------
+# --- Loss ---
 
 
-def info_nce(q, k, queue, tau):  # Same as in dilo.py, detco.py, insloc.py
+def info_nce(q, k, queue, tau):
     """InfoNCE (MoCo eq. 1) in fp32, also under bf16 autocast. q, k: (N, D) positives row by row; queue: (K, D)."""
     with torch.autocast(q.device.type, enabled=False):  # autocast would run the (N, K) matmul in bf16
         q, k, queue = q.float(), k.float(), queue.float()
@@ -350,11 +316,12 @@ def info_nce(q, k, queue, tau):  # Same as in dilo.py, detco.py, insloc.py
 
 
 def patch_info_nce(r_q, r_k, valid, queue, tau, chunk=0):
-    """Eq. 7, averaged: every valid (image, position p) is one query r_1,p with its positive r_2,p.
-
-    r_q, r_k: (N, S*S, D) with cell p at the same original place in both; valid: (N,) bool;
-    chunk: rows of logits at a time (ChunkedInfoNCE), 0 = one (rows, 1 + K) matrix (info_nce).
-    """
+    """Eq. 7: every valid (image, position p) is one query r_1,p with its positive r_2,p. r_q, r_k: (N, S*S, D)
+    with cell p at the same original place in both; valid: (N,) bool; chunk: rows of logits at a time
+    (ChunkedInfoNCE), 0 = one (rows, 1 + K) matrix (info_nce).
+    NOTE: eq. 7 sums over positions p; a level's patch loss here is the MEAN over all valid (image, position) queries
+    of the batch, so conv4 (196 cells) and conv5 (49) weigh alike.
+    NOTE: patch negatives are the queue only (eq. 7), not other cells of the batch."""
     if not valid.any():  # no pair overlaps: no patch loss, but keep the head in the graph (DDP)
         return 0.0 * r_q.sum(), r_q.new_zeros(())
     q, k = r_q[valid].flatten(0, 1), r_k[valid].flatten(0, 1)  # (n_valid * S*S, D)
@@ -365,16 +332,15 @@ def patch_info_nce(r_q, r_k, valid, queue, tau, chunk=0):
 
 class ChunkedInfoNCE(torch.autograd.Function):
     """info_nce's loss and accuracy, `chunk` rows of logits at a time, and the gradient of the queries.
-
-    NOTE: eq. 7 makes every cell a query against the whole queue: at K 65536 and 32 images per GPU the
-    conv4 logits are 6,272 x 65,537 (1.64 GB fp32), and cross-entropy keeps their log-softmax and the
-    backward their gradient. The loss is a mean of per-row terms, L = mean_i (lse_i - l_pos,i / tau),
-    and its gradient is per row, dL/dq_i = ((p_i,0 - 1) k_i + sum_j p_i,j queue_j) / (tau R) with p the
-    row's softmax: so each chunk's logits are formed, reduced to lse, acc and dL/dq for its rows, and
-    freed. No tensor larger than chunk x (1 + K) exists, and the backward only scales the stored
-    gradient (R x D), so there are no recomputed logits: the same loss, gradient and matmul count.
-    The keys and the queue come from the momentum encoder and get no gradient, as in info_nce.
-    """
+    NOTE: cost. Eq. 7 makes every cell a query against the whole queue: at K 65536 and 32 images per GPU, conv4 and
+    conv5 give 7,840 x 65,537 logits (2.1 GB fp32; conv4 alone 6,272 rows, 1.64 GB), about 25% more FLOPs than a
+    MoCo v2 step (the 1x1-conv patch heads add about 11%; docs/benchmarks.md), and cross-entropy keeps their
+    log-softmax and the backward their gradient. The loss is a mean of per-row terms and its gradient is per row,
+        L = mean_i (lse_i - l_pos,i / tau),    dL/dq_i = ((p_i,0 - 1) k_i + sum_j p_i,j queue_j) / (tau R),
+    with p the row's softmax: so each chunk's logits are formed, reduced to lse, acc and dL/dq for its rows, and
+    freed. No tensor larger than chunk x (1 + K) exists, and the backward only scales the stored gradient (R x D),
+    so there are no recomputed logits: the same loss, gradient and matmul count. The keys and the queue come from
+    the momentum encoder and get no gradient, as in info_nce."""
 
     @staticmethod
     def forward(ctx, q, k, queue, tau, chunk, needs_grad):
@@ -404,12 +370,10 @@ class ChunkedInfoNCE(torch.autograd.Function):
         return (grad * grad_loss).to(ctx.dtype), None, None, None, None, None
 
 
-# ---------------------------------------------------------------------------------------
-# Training loop
-# ---------------------------------------------------------------------------------------
+# --- Training loop ---
 
 
-def train_one_epoch(model, loader, optimizer, epoch, args, log):  # Same as in dilo.py, detco.py, insloc.py
+def train_one_epoch(model, loader, optimizer, epoch, args, log):
     """One epoch (or --steps iterations): cosine lr per iteration, bf16 autocast, NaN guard, logs."""
     model.train()
     steps = min(args.steps, len(loader)) if args.steps else len(loader)
@@ -421,16 +385,17 @@ def train_one_epoch(model, loader, optimizer, epoch, args, log):  # Same as in d
         data_time = time.time() - end
         lr = args.lr_actual * 0.5 * (1 + math.cos(math.pi * (epoch + it / steps) / args.epochs))
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # insloc.py's --head-lr-scale
         batch = [t.to(args.device, non_blocking=True) for t in batch]
         if args.channels_last:  # NHWC convolutions are faster under bf16 on GPUs
             batch = [t.to(memory_format=torch.channels_last) if t.dim() == 4 else t for t in batch]
         with torch.autocast(args.device.type, dtype=torch.bfloat16, enabled=args.amp):
             loss, terms = model(*batch)
         if not math.isfinite(loss.item()):
-            kept = os.path.join(args.output_dir, "checkpoint.pth")
-            raise SystemExit(f"error: loss is {loss.item()} at epoch {epoch + 1} iteration {it + 1}; " + (
-                f"the last good checkpoint {kept} is kept" if os.path.exists(kept) else "no checkpoint was written yet"))
+            path = os.path.join(args.output_dir, "checkpoint.pth")
+            kept = "no checkpoint was written yet"
+            kept = f"the last good checkpoint {path} is kept" if os.path.exists(path) else kept
+            raise SystemExit(f"error: loss is {loss.item()} at epoch {epoch + 1} iteration {it + 1}; {kept}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -447,258 +412,7 @@ def train_one_epoch(model, loader, optimizer, epoch, args, log):  # Same as in d
     return {name: value / counts[name] for name, value in sums.items()}
 
 
-# ---------------------------------------------------------------------------------------
-# --- analysis (Fig. 6 and eq. 9: IoU-similarity curve; Fig. 7: correspondence) ---
-# `python dupr.py --iou-curve A/backbone.pth B/backbone.pth ...`: frozen backbones of any method
-# ---------------------------------------------------------------------------------------
-
-NORMALISE = T.Compose([T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-COLOURS = ("red", "blue", "green", "orange", "purple", "brown", "magenta", "teal", "black", "olive", "navy", "gray")
-
-
-def sample_rois(box, targets, width, height, generator, candidates=64, steps=30):
-    """RoIs in the image whose IoU with the ground-truth box G (4,) is each of `targets` (T,): per t, a
-    random box `far` in the image (sides log-uniform) with IoU(G, far) <= t (else the lowest), then
-    bisection on the segment B(lam) = (1 - lam) G + lam far, whose IoU is 1 at lam = 0 and continuous,
-    so it crosses t. Returns rois (T, 4) and their actual IoU (T,).
-    NOTE: sec. 4.6 does not say how its RoIs are drawn; this sampler is ours (docs/analysis.md)."""
-    n = len(targets)
-    size = torch.tensor([float(width), float(height)])
-    sides = size ** torch.rand(n, candidates, 2, generator=generator)  # (T, n, 2) log-uniform in [1, image side]
-    corner = torch.rand(n, candidates, 2, generator=generator) * (size - sides)  # uniform position in the image
-    boxes = torch.cat([corner, corner + sides], dim=2)  # (T, n, 4) xyxy
-    iou = torchvision.ops.box_iou(box[None], boxes.flatten(0, 1)).reshape(n, candidates)
-    pick = torch.where(iou <= targets[:, None], torch.rand(n, candidates, generator=generator), -iou)  # feasible first
-    far = boxes[torch.arange(n), pick.argmax(1)]  # (T, 4)
-    lo, hi = torch.zeros(n, 1), torch.ones(n, 1)  # invariant: IoU(B(lo)) > t >= IoU(B(hi))
-    for _ in range(steps):
-        mid = (lo + hi) / 2
-        above = torchvision.ops.box_iou(box[None], (1 - mid) * box + mid * far)[0][:, None] > targets[:, None]
-        lo, hi = torch.where(above, mid, lo), torch.where(above, hi, mid)
-    rois = (1 - hi) * box + hi * far
-    return rois, torchvision.ops.box_iou(box[None], rois)[0]
-
-
-@torch.no_grad()
-def iou_similarity(trunks, held_out, S, seed, device, per_box=20):
-    """Eq. 9 per trunk: per ground-truth box G, `per_box` RoIs with IoUs stratified over [0, 1] (one per
-    1/per_box bin); q = RoIAlign(conv4_x, G), k_alpha = RoIAlign(conv4_x, RoI), both S x S; Sim = mean
-    over the S*S positions p of q_p . k_alpha,p (unit vectors). The RoIs are the same for every trunk.
-    Returns IoU (R,) and Sim (trunks, R)."""
-    generator, ious, sims = torch.Generator().manual_seed(seed), [], []
-    progress = Progress("iou-curve: Sim of RoIs (Fig. 6)", len(held_out))
-    for done, (image, target) in enumerate((held_out[i] for i in range(len(held_out))), start=1):
-        features = [trunk.forward_to_res4(NORMALISE(image)[None].to(device)) for trunk in trunks]  # conv4_x, stride 16
-        for box in target["boxes"][(target["boxes"][:, 2:] - target["boxes"][:, :2]).amin(1) >= 1]:
-            targets = (torch.arange(per_box) + torch.rand(per_box, generator=generator)) / per_box
-            rois, iou = sample_rois(box, targets, image.width, image.height, generator)
-            boxes = torch.cat([box[None], rois]).to(device)  # (1 + T, 4): G first
-            index = torch.zeros(len(boxes), dtype=torch.long, device=device)
-            regions = [F.normalize(roi_align_boxes(c4, boxes, S, 16, sampling_ratio=0, batch_index=index), dim=1) for c4 in features]  # (1 + T, C, S, S)
-            sims.append(torch.stack([(r[:1] * r[1:]).sum(1).mean((1, 2)) for r in regions]).cpu())  # (trunks, T)
-            ious.append(iou)
-        progress(done)
-    if not ious:
-        raise SystemExit("error: --iou-curve: the held-out images have no ground-truth boxes")
-    return torch.cat(ious), torch.cat(sims, dim=1)
-
-
-def true_cells(crop_1, flip_1, crop_2, flip_2, size, n):
-    """Fig. 7's ground truth: for each of the n x n conv cells of view 1 (row-major), the (row, col) of
-    the view-2 cell showing the original pixel under its centre, or (-1, -1) outside view 2. Views are
-    size x size; the geometry of intersection_in_views: x' = (x - crop_x1) * size / crop_w, mirrored."""
-    centres = (torch.arange(n) + 0.5) * size / n  # view pixels
-    y, x = torch.meshgrid(centres, centres, indexing="ij")  # (n, n)
-    x = size - x if flip_1 else x
-    x, y = crop_1[0] + x * (crop_1[2] - crop_1[0]) / size, crop_1[1] + y * (crop_1[3] - crop_1[1]) / size  # original
-    x, y = (x - crop_2[0]) * size / (crop_2[2] - crop_2[0]), (y - crop_2[1]) * size / (crop_2[3] - crop_2[1])  # view 2
-    x = size - x if flip_2 else x
-    cells = (torch.stack([y, x], dim=-1) * n / size).floor().long().flatten(0, 1)  # (n*n, 2)
-    return torch.where(((cells >= 0) & (cells < n)).all(1, keepdim=True), cells, -1)
-
-
-@torch.no_grad()
-def correspondence(trunks, labels, held_out, size, seed, device, path, shown=3, cell=128):
-    """Fig. 7: two training views (MoCoV2ViewWithBox) per image; each conv4_x cell of view 1 is matched
-    to its most similar (cosine) cell of view 2. Returns per trunk the share of matches within one cell
-    (Chebyshev distance <= 1) of the true cell, and that share for a uniformly random match. Draws the
-    first `shown` images: view 1 | view 2 per trunk, a line per cell to its match (green: within one).
-    NOTE: Fig. 7 is qualitative (and its models have losses on conv5_x only); the share is ours."""
-    seed_everything(seed)
-    sheet = Image.new("RGB", (2 * cell * len(trunks), 16 + cell * shown + 48), "white")  # + legend
-    draw, augment = ImageDraw.Draw(sheet), MoCoV2ViewWithBox(size)
-    hits, chance, total = torch.zeros(len(trunks)), 0.0, 0
-    progress = Progress("iou-curve: correspondence (Fig. 7)", len(held_out))
-    for index in range(len(held_out)):
-        progress(index + 1)
-        (view_1, crop_1, flip_1), (view_2, crop_2, flip_2) = [augment(held_out[index][0]) for _ in range(2)]
-        x = torch.stack([NORMALISE(view_1), NORMALISE(view_2)]).to(device)
-        maps = [F.normalize(trunk.forward_to_res4(x), dim=1).flatten(2).cpu() for trunk in trunks]  # (2, C, n*n)
-        n = round(maps[0].shape[2] ** 0.5)
-        truth, grid = true_cells(crop_1, flip_1, crop_2, flip_2, size, n), torch.cartesian_prod(torch.arange(n), torch.arange(n))
-        matches = torch.stack([grid[(m[0].t() @ m[1]).argmax(1)] for m in maps])  # (trunks, n*n, 2): best view-2 cell
-        near = (matches - truth).abs().amax(2) <= 1  # (trunks, n*n)
-        valid = truth[:, 0] >= 0
-        hits, total = hits + near[:, valid].sum(1), total + int(valid.sum())
-        chance += ((grid[None] - truth[valid, None]).abs().amax(2) <= 1).float().mean(1).sum().item()
-        for t in range(len(trunks) if index < shown else 0):
-            at = lambda rc, column: ((column + (rc[1] + 0.5) / n) * cell, 16 + (index + (rc[0] + 0.5) / n) * cell)
-            sheet.paste(view_1.resize((cell, cell)), (2 * t * cell, 16 + index * cell))
-            sheet.paste(view_2.resize((cell, cell)), ((2 * t + 1) * cell, 16 + index * cell))
-            for p in range(n * n):
-                draw.line(at(grid[p], 2 * t) + at(matches[t, p], 2 * t + 1), fill="gray" if not valid[p] else "lime" if near[t, p] else "red")
-    for t, label in enumerate(labels):
-        draw.text((2 * t * cell + 4, 2), f"{label}: {hits[t] / max(total, 1):.3f} within one cell", fill="black")
-    draw.text((4, 17 + cell * shown), "line: view 1 cell -> its most similar view 2 cell;\ngreen: within one cell of "
-              "the truth,\nred: farther; gray: not in view 2", fill="black", font=font(11))
-    sheet.save(path)
-    return (hits / max(total, 1)).tolist(), chance / max(total, 1)
-
-
-def draw_curves(curves, path, x_label, y_label, width=560, height=380):
-    """A PIL line chart: curves = [(label, [(x in [0, 1], y), ...])], the y range from the data."""
-    values = [y for _, points in curves for _, y in points]
-    low, high = min(values) - 0.02, max(values) + 0.02
-    left, right, top, bottom = 60, width - 20, 20, height - 60 - 14 * len(curves)
-    sheet = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(sheet)
-    at = lambda x, y: (left + x * (right - left), bottom - (y - low) / (high - low) * (bottom - top))
-    draw.rectangle((left, top, right, bottom), outline="black")
-    for i in range(6):  # ticks: x 0..1, y low..high
-        draw.text((at(i / 5, low)[0] - 8, bottom + 4), f"{i / 5:.1f}", fill="black")
-        draw.text((4, at(0, low + i / 5 * (high - low))[1] - 6), f"{low + i / 5 * (high - low):.2f}", fill="black")
-    draw.text(((left + right) / 2 - 60, bottom + 18), x_label, fill="black")
-    draw.text((left + 4, top + 4), y_label, fill="black")
-    for c, (label, points) in enumerate(curves):
-        draw.line([at(x, y) for x, y in points], fill=COLOURS[c % len(COLOURS)], width=2)
-        draw.text((left, bottom + 36 + 14 * c), label, fill=COLOURS[c % len(COLOURS)])
-    sheet.save(path)
-
-
-def iou_curve(args, bins=10):
-    """--iou-curve: iou_curve.png/.json (Fig. 6, eq. 9) and correspondence.png (Fig. 7) in --output-dir."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    trunks = [load_backbone(path, "--iou-curve")[0].to(device) for path in args.iou_curve]
-    labels = [os.path.join(os.path.basename(os.path.dirname(os.path.abspath(p))), os.path.basename(p)) for p in args.iou_curve]
-    held_out, S = HeldOut(args.analysis_images, args.image_size, args.coco), args.roi_size[LEVELS.index("conv4")]
-    os.makedirs(args.output_dir, exist_ok=True)
-    iou, sim = iou_similarity(trunks, held_out, S, args.seed, device)  # (R,), (trunks, R)
-    which = (iou * bins).long().clamp(max=bins - 1)  # (R,) bin of each RoI
-    count = torch.bincount(which, minlength=bins)
-    binned = torch.zeros(len(trunks), bins).index_add_(1, which, sim) / count.clamp(min=1)  # (trunks, bins)
-    slope = (sim[:, iou >= 0.5].mean(1) - sim[:, iou < 0.3].mean(1)).tolist()  # the paper's reading of Fig. 6
-    shares, chance = correspondence(trunks, labels, held_out, args.image_size, args.seed, device,
-                                    os.path.join(args.output_dir, "correspondence.png"))
-    centres = [(b + 0.5) / bins for b in range(bins) if count[b]]
-    draw_curves([(f"{label}: Sim(IoU >= 0.5) - Sim(IoU < 0.3) = {s:+.3f}", list(zip(centres, curve[count > 0].tolist())))
-                 for label, s, curve in zip(labels, slope, binned)], os.path.join(args.output_dir, "iou_curve.png"),
-                "IoU of the RoI with the ground-truth box", f"Sim (eq. 9), conv4_x, S = {S}")
-    result = {"images": len(held_out), "image_size": args.image_size, "S": S, "rois_per_bin": count.tolist(),
-              "correspondence_chance": chance, "backbones": [{"path": path, "similarity_per_bin": curve.tolist(),
-              "slope": s, "correspondence": share} for path, curve, s, share in zip(args.iou_curve, binned, slope, shares)]}
-    with open(os.path.join(args.output_dir, "iou_curve.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    for label, s, share in zip(labels, slope, shares):
-        print(f"{label}: Sim(IoU >= 0.5) - Sim(IoU < 0.3) = {s:+.4f}; correspondence {share:.3f} (chance {chance:.3f})")
-    print("paper (theirs, Fig. 6, R50 on ImageNet val): DUPR's curve lies above MoCo v2's at IoU >= 0.5 and below it "
-          f"at IoU < 0.3; wrote iou_curve.png, iou_curve.json, correspondence.png in {args.output_dir}")
-    return result
-
-
-# ---------------------------------------------------------------------------------------
-# Plumbing: distributed setup, checkpoints, logging, preview. Same as in dilo.py.
-# ---------------------------------------------------------------------------------------
-
-
-def setup_distributed(args):  # Same as in dilo.py, detco.py, insloc.py
-    args.world_size, args.rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    if torch.cuda.is_available():
-        args.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(args.device)
-    else:
-        args.device = torch.device("cpu")
-    if args.world_size > 1:
-        dist.init_process_group("nccl" if args.device.type == "cuda" else "gloo")
-    args.is_main = args.rank == 0
-    args.amp = args.device.type == "cuda" if args.amp is None else args.amp
-    args.channels_last = args.device.type == "cuda" if args.channels_last is None else args.channels_last
-    args.lr_actual = args.lr * args.batch_size / 256
-
-
-def seed_everything(seed):
-    """Every epoch reseeds from (seed, epoch, rank), so a resumed run replays the same randomness."""
-    torch.manual_seed(seed)
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-
-
-def peak_memory_mb(args):
-    if args.device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def make_logger(args, start_epoch):  # Same as in dilo.py, detco.py, insloc.py
-    """log(row): on the main process, a row of output-dir/log.jsonl with the wall-clock time, the time since
-    this start and, in progress rows, the ETA of the whole run; and a console line. The first row of a start
-    holds the arguments. A resume drops the rows of the epochs it redoes, so that no row is duplicated."""
-    path, start = os.path.join(args.output_dir, "log.jsonl"), time.time()
-    hms = lambda seconds: f"{int(seconds) // 3600}:{int(seconds) // 60 % 60:02d}:{int(seconds) % 60:02d}"
-
-    def log(row):
-        if not args.is_main:
-            return
-        row = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "elapsed_s": round(time.time() - start, 1), **row}
-        if "iteration" in row:  # every remaining step of the run, at this start's pace so far
-            done = (row["epoch"] - start_epoch) * row["steps"] + row["iteration"] + 1
-            row["eta_s"] = row["elapsed_s"] / done * ((args.epochs - start_epoch) * row["steps"] - done)
-        with open(path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        accuracy = [value for name, value in row.items() if name.startswith("acc")]
-        where = f"{row['time'][5:]} +{hms(row['elapsed_s'])} epoch {row.get('epoch', args.epochs - 1) + 1}/{args.epochs}"
-        scores = f"loss {row.get('loss', math.nan):.4f} acc {sum(accuracy) / max(len(accuracy), 1):.3f}"
-        if "iteration" in row:
-            print(f"{where} [{row['iteration'] + 1}/{row['steps']}] {scores} lr {row['lr']:.5f} {row['img_per_s']:.1f} "
-                  f"img/s data {100 * row['data_time'] / row['step_time']:.0f}% mem {row['memory_mb']:.0f} MB "
-                  f"eta {hms(row['eta_s'])}", flush=True)
-        elif "checkpoint" in row:
-            print(f"{where} done: {scores} (epoch means); saved {row['checkpoint']}", flush=True)
-        elif row.get("event") == "done":
-            print(f"done: epochs {start_epoch + 1}-{args.epochs} in {hms(row['elapsed_s'])}; checkpoint.pth, backbone.pth, "
-                  f"log.jsonl, loss.png in {args.output_dir}", flush=True)
-
-    if args.is_main:  # the output directory appears only now, as training starts
-        os.makedirs(args.output_dir, exist_ok=True)
-        with open(path, "a+") as f, open(path + ".tmp", "w") as kept:
-            f.seek(0)  # a resume keeps the rows of finished epochs and of earlier starts; a new run none
-            kept.writelines(line for line in f if start_epoch and line.endswith("\n")
-                            and json.loads(line).get("epoch", -1) < start_epoch)
-        os.replace(path + ".tmp", path)
-    arguments = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, type(None)))}
-    log({"event": "resume" if start_epoch else "start", "epochs_done": start_epoch, "world_size": args.world_size,
-         "torch": torch.__version__, "args": arguments})
-    return log
-
-
-def load_checkpoint(model, optimizer, args):  # Same as in dilo.py, detco.py, insloc.py
-    """The epoch to start from: 0, or that of the checkpoint all ranks agree on, if its recipe is ours."""
-    checkpoint = agreed_checkpoint("dupr", args)
-    if checkpoint is None:
-        return 0
-    start_epoch = resume_epoch(checkpoint, args)
-    model.load_state_dict(checkpoint["model"])
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    return start_epoch
-
-
-def save_checkpoint(model, optimizer, epoch, args):
-    """checkpoint.pth (everything to resume) and backbone.pth (torchvision keys), atomically."""
-    state = {"method": "dupr", "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-             "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, type(None)))}}
-    for name, obj in (("checkpoint.pth", state), ("backbone.pth", model.encoder_q.backbone.state_dict())):
-        path = os.path.join(args.output_dir, name)
-        torch.save(obj, path + ".tmp")
-        os.replace(path + ".tmp", path)
+# --- Preview ---
 
 
 def to_picture(tensor, size):
@@ -709,9 +423,8 @@ def to_picture(tensor, size):
 
 
 def write_preview(dataset, args, cell=160):
-    """Per sample: the original with R_q (red), R_k (blue) and B (yellow); each view with B_v
-    and its S x S grid (S of the last patch level); the dot marks grid cell (0, 0), the top-left
-    of B in the original, which a flipped view shows at the top-right."""
+    """Per sample: the original with R_q (red), R_k (blue), B (yellow); each view with B_v and its S x S grid (S of
+    the last patch level), a dot on grid cell (0, 0): B's top-left in the original, top-right in a flipped view."""
     S = ([S for S, b in zip(args.roi_size, args.beta) if b > 0] or [1])[-1]
     columns = ["original: R_q, R_k, B", "view q: B_q, S x S", "view k: B_k, S x S"]
     sheet = Image.new("RGB", (cell * len(columns), 16 + cell * args.preview + 34), "white")  # + legend
@@ -752,16 +465,110 @@ def write_preview(dataset, args, cell=160):
     print(f"wrote {path}")
 
 
-# ---------------------------------------------------------------------------------------
-# Main
-# ---------------------------------------------------------------------------------------
+# --- Plumbing: distributed setup, seeds, memory, logging, checkpoints ---
+# info_nce, train_one_epoch, to_picture and the plumbing are copied as is into dilo.py, detco.py and
+# insloc.py (# Same as dupr.py; test_the_deliberate_copies_are_identical checks it).
 
 
-def main(args):  # Same as in dilo.py (method names only)
-    if args.iou_curve:
-        return iou_curve(args)
+def setup_distributed(args):
+    args.world_size, args.rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    if torch.cuda.is_available():
+        args.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(args.device)
+    else:
+        args.device = torch.device("cpu")
+    if args.world_size > 1:
+        dist.init_process_group("nccl" if args.device.type == "cuda" else "gloo")
+    args.is_main = args.rank == 0
+    args.amp = args.device.type == "cuda" if args.amp is None else args.amp
+    args.channels_last = args.device.type == "cuda" if args.channels_last is None else args.channels_last
+    args.lr_actual = args.lr * args.batch_size / 256
+
+
+def seed_everything(seed):
+    """Every epoch reseeds from (seed, epoch, rank), so a resumed run replays the same randomness."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+def peak_memory_mb(args):
+    if args.device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def make_logger(args, start_epoch):
+    """log(row): on the main process, a row of output-dir/log.jsonl with the wall-clock time, the time since
+    this start and, in progress rows, the ETA of the whole run; and a console line. The first row of a start
+    holds the arguments. A resume drops the rows of the epochs it redoes, so that no row is duplicated."""
+    path, start = os.path.join(args.output_dir, "log.jsonl"), time.time()
+    hms = lambda seconds: f"{int(seconds) // 3600}:{int(seconds) // 60 % 60:02d}:{int(seconds) % 60:02d}"
+
+    def log(row):
+        if not args.is_main:
+            return
+        row = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "elapsed_s": round(time.time() - start, 1), **row}
+        if "iteration" in row:  # every remaining step of the run, at this start's pace so far
+            done = (row["epoch"] - start_epoch) * row["steps"] + row["iteration"] + 1
+            row["eta_s"] = row["elapsed_s"] / done * ((args.epochs - start_epoch) * row["steps"] - done)
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        accuracy = [value for name, value in row.items() if name.startswith("acc")]
+        epoch = row.get("epoch", args.epochs - 1) + 1  # 1-based
+        where = f"{row['time'][5:]} +{hms(row['elapsed_s'])} epoch {epoch}/{args.epochs}"
+        scores = f"loss {row.get('loss', math.nan):.4f} acc {sum(accuracy) / max(len(accuracy), 1):.3f}"
+        if "iteration" in row:
+            print(f"{where} [{row['iteration'] + 1}/{row['steps']}] {scores} lr {row['lr']:.5f} {row['img_per_s']:.1f} "
+                  f"img/s data {100 * row['data_time'] / row['step_time']:.0f}% mem {row['memory_mb']:.0f} MB "
+                  f"eta {hms(row['eta_s'])}", flush=True)
+        elif "checkpoint" in row:
+            print(f"{where} done: {scores} (epoch means); saved {row['checkpoint']}", flush=True)
+        elif row.get("event") == "done":
+            print(f"done: epochs {start_epoch + 1}-{args.epochs} in {hms(row['elapsed_s'])}; checkpoint.pth, "
+                  f"backbone.pth, log.jsonl, loss.png in {args.output_dir}", flush=True)
+
+    if args.is_main:  # the output directory appears only now, as training starts
+        os.makedirs(args.output_dir, exist_ok=True)
+        with open(path, "a+") as f, open(path + ".tmp", "w") as kept:
+            f.seek(0)  # a resume keeps the rows of finished epochs and of earlier starts; a new run none
+            kept.writelines(line for line in f if start_epoch and line.endswith("\n")
+                            and json.loads(line).get("epoch", -1) < start_epoch)
+        os.replace(path + ".tmp", path)
+    arguments = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, type(None)))}
+    log({"event": "resume" if start_epoch else "start", "epochs_done": start_epoch, "world_size": args.world_size,
+         "torch": torch.__version__, "args": arguments})
+    return log
+
+
+def load_checkpoint(model, optimizer, args):
+    """The epoch to start from: 0, or that of the checkpoint all ranks agree on, if its recipe is ours."""
+    checkpoint = agreed_checkpoint(METHOD, args)
+    if checkpoint is None:
+        return 0
+    start_epoch = resume_epoch(checkpoint, args)
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    return start_epoch
+
+
+def save_checkpoint(model, optimizer, epoch, args):
+    """checkpoint.pth (everything to resume) and backbone.pth (torchvision keys), atomically."""
+    state = {"method": METHOD, "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, type(None)))}}
+    for name, obj in (("checkpoint.pth", state), ("backbone.pth", model.encoder_q.backbone.state_dict())):
+        path = os.path.join(args.output_dir, name)
+        torch.save(obj, path + ".tmp")
+        os.replace(path + ".tmp", path)
+
+
+# --- Main ---
+
+
+def main(args):
     setup_distributed(args)
-    source = open_source(args.data, TINY_IMAGES if args.tiny else 5000, args.image_size * 8 // 7, min_side=args.image_size)
+    source = open_source(args.data, TINY_IMAGES if args.tiny else 5000, args.image_size * 8 // 7,
+                         min_side=args.image_size)
     dataset = TwoViewsWithBoxes(source, args)
     if args.preview:
         return write_preview(dataset, args) if args.is_main else None
@@ -787,10 +594,12 @@ def main(args):  # Same as in dilo.py (method names only)
     if args.world_size > 1:  # the queues are identical on every rank already: DDP must not broadcast buffers
         # before each forward. torch >= 2.13 calls that forward_sync_buffers and warns on broadcast_buffers.
         new = "forward_sync_buffers" in inspect.signature(nn.parallel.DistributedDataParallel).parameters
-        ddp_model = nn.parallel.DistributedDataParallel(model, **{"forward_sync_buffers" if new else "broadcast_buffers": False})
+        ddp_model = nn.parallel.DistributedDataParallel(
+            model, **{"forward_sync_buffers" if new else "broadcast_buffers": False})
     sampler = torch.utils.data.DistributedSampler(dataset, args.world_size, args.rank, seed=args.seed, drop_last=True)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size // args.world_size, sampler=sampler,
-                                         num_workers=args.workers, pin_memory=args.device.type == "cuda", drop_last=True)
+                                         num_workers=args.workers, pin_memory=args.device.type == "cuda",
+                                         drop_last=True)
     if len(loader) == 0:
         raise SystemExit(f"error: {len(dataset)} images give no full batch of {args.batch_size}")
     log = make_logger(args, start_epoch)

@@ -1,14 +1,14 @@
 """InsLoc: Instance Localization for Self-supervised Detection Pretraining.
 
 Yang, Wu, Zhou, Lin, CVPR 2021, arXiv:2102.08318 (sections 3-4 and 5).
+The authors released the R50-FPN pretraining; every reading of the paper or the release is a NOTE at its code.
 
-Idea (sec. 4.1): paste a random crop of the foreground image at a random place and scale
-onto another image of the dataset, pool the features of its bounding box with RoIAlign, and
-contrast the RoI embeddings of the same instance pasted on two DIFFERENT backgrounds (MoCo).
-The pooled features must then describe what is inside the box, not its surroundings, which
-aligns features with boxes as a detector needs. Sec. 4.2: the query pools a jittered box,
-a random anchor overlapping the true box. Sec. 4.3: the RoI head is the detector's
-(R50-C4: res5 on RoIAlign of res4; R50-FPN: FPN + a 4conv1fc head on every level).
+Idea (sec. 4.1): paste a random crop of the foreground image at a random place and scale onto another
+image of the dataset, pool the features of its bounding box with RoIAlign, and contrast the RoI embeddings
+of the same instance pasted on two DIFFERENT backgrounds (MoCo). The pooled features must then describe
+what is inside the box, not its surroundings, which aligns features with boxes as a detector needs.
+Sec. 4.2: the query pools a jittered box, a random anchor overlapping the true box. Sec. 4.3: the RoI head
+is the detector's (R50-C4: res5 on RoIAlign of res4; R50-FPN: FPN + a 4conv1fc head on every level).
 
     python insloc.py --tiny                                  # toy world, CPU, R18-C4, 1,248 steps
     python insloc.py --tiny --variant fpn                    # R18-FPN, heads at 0.01x the lr
@@ -16,40 +16,13 @@ a random anchor overlapping the true box. Sec. 4.3: the RoI head is the detector
     torchrun --nproc_per_node=8 insloc.py --data /imagenet --variant fpn --output-dir runs/insloc_fpn
     torchrun --nnodes=2 --node_rank=0 --master_addr=HOST --master_port=29500 \\
         --nproc_per_node=8 insloc.py --data /imagenet --variant fpn
+    python -m tools.readout runs/insloc/backbone.pth B/backbone.pth   # Table 3a readouts of frozen backbones
 
 Recipe (defaults): canvas 256, foreground fitted into w x h drawn in [128, 255), aspect ratios
 (1/3, 3) for C4 and (1/2, 2) for FPN (footnote 3); tau 0.2, K 65536, m 0.999, SGD lr 0.03
 per 256 with Nesterov momentum 0.9, wd 1e-4, cosine, 200 epochs, 32 images per GPU x 8.
 Expected (paper, 200 epochs): VOC07+12 Faster R-CNN R50-C4 AP 57.9 (MoCo v2 57.0, Table 1);
 COCO Mask R-CNN 2x AP^bb 41.4 (R50-C4) and 43.2 (R50-FPN) (Table 2).
-
-NOTE: the horizontal flip is applied to the composite before the colour augmentation (the
-spec lists it after); every colour operation is per pixel or mirror-symmetric, so the
-distribution is the same and sample() can return the final geometry. The colour part runs on
-the training device, one draw per composite (common.photometric).
-NOTE: the background is the whole other image stretched to the canvas (spec); its index
-differs from the foreground's and from the other view's background (footnote 2).
-NOTE: anchors (sec. 4.2) sit at the centres of a 16 x 16 grid, (16i + 8, 16j + 8), and are
-clipped to the canvas; the IoU is taken with the clipped anchors. If no anchor has IoU > 0.5,
-the best one is used. The release centres them at (16i, 16j), does not clip them, and falls
-back to the top 4,000 anchors by IoU. We keep ours: the grid is symmetric under the flip and
-the query never pools padding (with the release's anchors about a third of the picked boxes
-cross the canvas edge), at the same mean IoU of the picked box (docs/fidelity.md).
-Candidates are thinned by NMS 0.7 over random scores, then one is drawn uniformly (the
-release). Done per sample in the data loader workers.
-NOTE: RoIAlign samples each bin adaptively (ceil(bin side / feature cell) points a side), as
-the release (sample_num=0). At a 256 canvas a box side of 128-256 px spans 32-64 P2 cells, so a
-7 x 7 bin is 4.6-9.1 cells wide (P3: 2.3-4.6), which fixed 2 x 2 points would alias.
-NOTE: head init as the release: the hidden fcs (C4: the MLP's first Linear; FPN: fc6, fc7)
-Xavier-uniform, the last Linear N(0, 0.01), biases 0; FPN convs Xavier-uniform. The release
-has no C4 config; its RoI head takes a res5 shared head before the same head class, so C4's
-MLP gets the same init.
-NOTE: FPN: the query pools the augmented box on P5 only and the true box on P2..P4 (the
-release); the key always pools the true box. The shared head runs on the RoIs of all four
-levels as one batch (its BN sees them together, as a detector's box head does).
-NOTE: Nesterov momentum (spec, the release) where dilo.py uses plain momentum.
-NOTE: every pixel size (canvas 256, foreground [128, 255), anchors 32..256 on stride 16)
-scales with --image-size / 256: see pixel_sizes().
 """
 import argparse
 import copy
@@ -74,33 +47,31 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageDraw
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
 
-from common import (HeldOut, IMAGENET_MEAN, IMAGENET_STD, MomentumQueue, Progress, ResNetTrunk, UnreadableImages,
-                    agreed_checkpoint, batchnorm_groups, bench_loader, check_args, check_unreadable,
-                    convert_to_ghost_batchnorm, draw_colour, ema_update, font, load_backbone, open_source,
-                    photometric, plot_log, raise_interrupt, resume_epoch, roi_align_boxes, shuffled_key_forward,
-                    stop_interrupted, world_size)
+from common import (IMAGENET_MEAN, IMAGENET_STD, MomentumQueue, ResNetTrunk, UnreadableImages, agreed_checkpoint,
+                    batchnorm_groups, bench_loader, check_args, check_unreadable, convert_to_ghost_batchnorm,
+                    draw_colour, ema_update, font, open_source, photometric, plot_log, raise_interrupt,
+                    resume_epoch, roi_align_boxes, shuffled_key_forward, stop_interrupted, world_size)
 
-# ---------------------------------------------------------------------------------------
-# Arguments
-# ---------------------------------------------------------------------------------------
+# --- Arguments ---
 
-# NOTE: --tiny is dilo.py's tiny recipe (8 epochs of 5,000 toy images, K 96, 1,248 steps, the
-# paper's lr and m), in which C4's loss falls as MoCo v2's does
-# (300 steps do not move it). With the paper's lr on every layer FPN's does not fall: the layers
-# on the trunk (FPN, box head, projection) make its query embeddings collapse in the first steps.
-# The authors' recipe collapses too: with the release's init, adaptive RoIAlign sampling and key
-# BN chunks of 32, at batch 256 / lr 0.03 / K 65536, one SGD step takes the mean query cosine to
-# 1.000 (C4: 0.96), and the authors' issue tracker (limbo0000/InstanceLoc #19) reports about 100k
-# unstable steps with the loss near 40 = 4 ln 65537. --tiny --variant fpn trains those layers at
-# 0.01x the lr (--head-lr-scale, a tiny-only aid; the trunk keeps the paper's lr); the full recipe
-# keeps 1 (docs/insloc_fpn_collapse.md). `--tiny --epochs 1 --steps 10` is a 10-step smoke run.
+# NOTE: --tiny is dilo.py's tiny recipe (8 epochs of 5,000 toy images, K 96, 1,248 steps, the paper's lr and m), in
+# which C4's loss falls as MoCo v2's does (300 steps do not move it). With the paper's lr on every layer FPN's does
+# not fall: the layers on the trunk (FPN, box head, projection) make its query embeddings collapse in the first steps.
+# The authors' recipe collapses too: with the release's init, adaptive RoIAlign sampling and key BN chunks of 32, at
+# batch 256 / lr 0.03 / K 65536, one SGD step takes the mean query cosine to 1.000 (C4: 0.96), and the authors' issue
+# tracker (limbo0000/InstanceLoc #19) reports about 100k unstable steps with the loss near 40 = 4 ln 65537.
+# --tiny --variant fpn trains those layers at 0.01x the lr (--head-lr-scale, a tiny-only aid; the trunk keeps the
+# paper's lr); the full recipe keeps 1 (docs/insloc_fpn_collapse.md). `--tiny --epochs 1 --steps 10` is a 10-step
+# smoke run.
+METHOD = "insloc"  # the name its checkpoints carry
 TINY = dict(data="synthetic", arch="resnet18", image_size=64, batch_size=32, queue_size=96, bn_batch=8,
-            epochs=8, workers=2, print_freq=20, analysis_images=200)
+            epochs=8, workers=2, print_freq=20)
 TINY_IMAGES = 5000
 
 
 def get_args(argv=None):
-    parser = argparse.ArgumentParser(description="InsLoc pretraining", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description="InsLoc pretraining",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--data", default="synthetic", help="image folder (ImageNet layout aware) or 'synthetic'")
     parser.add_argument("--arch", default="resnet50", help="torchvision ResNet: resnet18/34/50/101/152")
     parser.add_argument("--epochs", type=int, default=200, help="epochs; the cosine lr schedule spans them")
@@ -112,31 +83,33 @@ def get_args(argv=None):
     parser.add_argument("--queue-size", type=int, default=65536, help="K, keys in the queue")
     parser.add_argument("--temperature", type=float, default=0.2, help="tau of InfoNCE")
     parser.add_argument("--ema", type=float, default=0.999, help="m, key encoder momentum")
-    parser.add_argument("--bn-batch", type=int, default=32, help="samples per BatchNorm group, both encoders (per-GPU batch of the paper)")
+    parser.add_argument("--bn-batch", type=int, default=32,
+                        help="samples per BatchNorm group, both encoders (per-GPU batch of the paper)")
     parser.add_argument("--output-dir", default="runs/insloc", help="checkpoint.pth, backbone.pth, log.jsonl, loss.png")
-    parser.add_argument("--resume", default="auto", help="'auto' (output-dir/checkpoint.pth if present), a path, or 'none'")
-    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast; None: on for CUDA, off on CPU")
+    parser.add_argument("--resume", default="auto",
+                        help="'auto' (output-dir/checkpoint.pth if present), a path, or 'none'")
+    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                        help="bf16 autocast; None: on for CUDA, off on CPU")
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                         help="NHWC memory format for images and weights; None: on for CUDA, off on CPU")
     parser.add_argument("--print-freq", type=int, default=10, help="iterations between log lines")
     parser.add_argument("--seed", type=int, default=0, help="seeds weights, queues and data order")
     parser.add_argument("--steps", type=int, default=0, help="cap on iterations per epoch (0 = full epoch)")
-    parser.add_argument("--tiny", action="store_true", help=f"CPU-sized recipe: {TINY_IMAGES} toy images, " + " ".join(f"{k}={v}" for k, v in TINY.items()))
+    parser.add_argument("--tiny", action="store_true", help=f"CPU-sized recipe: {TINY_IMAGES} toy images, "
+                        + " ".join(f"{k}={v}" for k, v in TINY.items()))
     parser.add_argument("--preview", type=int, default=0, help="write output-dir/preview.png with N samples, then exit")
-    parser.add_argument("--bench-loader", type=int, default=0, metavar="N", help="time N loader items on one CPU thread, then exit")
+    parser.add_argument("--bench-loader", type=int, default=0, metavar="N",
+                        help="time N loader items on one CPU thread, then exit")
     # InsLoc (sec. 4.1-4.3)
-    parser.add_argument("--variant", default="c4", choices=["c4", "fpn"], help="detector the pretraining mimics (sec. 4.3)")
-    parser.add_argument("--box-aug", action=argparse.BooleanOptionalAction, default=True, help="query pools a random anchor with IoU > 0.5 (sec. 4.2)")
+    parser.add_argument("--variant", default="c4", choices=["c4", "fpn"],
+                        help="detector the pretraining mimics (sec. 4.3)")
+    parser.add_argument("--box-aug", action=argparse.BooleanOptionalAction, default=True,
+                        help="query pools a random anchor with IoU > 0.5 (sec. 4.2)")
     parser.add_argument("--fg-ratio", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
                         help="foreground aspect ratio range w/h; None: 1/3 3 for c4, 1/2 2 for fpn (footnote 3)")
     parser.add_argument("--head-lr-scale", type=float, default=None,
                         help="lr multiplier of the layers on the trunk (c4: MLP; fpn: FPN, box head, projection); "
                              "None: 1 (the paper), 0.01 for --tiny --variant fpn")
-    parser.add_argument("--readout", nargs="+", default=[], metavar="BACKBONE", help="backbone.pth, checkpoint.pth or torchvision "
-                        "ResNet state_dict files: write output-dir/readout.json/.png (Table 3a readouts, view retrieval), then exit")
-    parser.add_argument("--readout-roi", action="store_true", help="readout features by RoIAlign on the full image's conv4_x -> conv5_x, not by crops")
-    parser.add_argument("--coco", nargs=2, default=None, metavar=("JSON", "DIR"), help="analysis images: a COCO annotation file and its image folder (None: the toy world's val split)")
-    parser.add_argument("--analysis-images", type=int, default=1000, help="held-out images of the analysis")
     args = parser.parse_args(argv)
     if args.tiny:  # the tiny recipe replaces defaults only: explicit flags still win
         parser.set_defaults(**TINY)
@@ -153,18 +126,20 @@ def get_args(argv=None):
     return args
 
 
-# ---------------------------------------------------------------------------------------
-# Data: composition (sec. 4.1), bounding-box augmentation (sec. 4.2), MoCo v2 colour
-# ---------------------------------------------------------------------------------------
+# --- Data: composition (sec. 4.1), bounding-box augmentation (sec. 4.2), MoCo v2 colour ---
 
 
 def pixel_sizes(image_size):
-    """The paper's pixel sizes for a 256 canvas, scaled to `image_size` (the one place they live)."""
+    """NOTE: the paper's pixel sizes for a 256 canvas scale with `image_size` / 256 (the one place they live)."""
     s = image_size / 256
     return {"foreground": (round(128 * s), round(255 * s)),  # fitting box sides drawn in [lo, hi)
             "anchor_stride": 16 * s, "anchor_sizes": [32 * s, 64 * s, 128 * s, 256 * s]}
 
 
+# NOTE: anchors (sec. 4.2) sit at the centres of a 16 x 16 grid, (16i + 8, 16j + 8), and are clipped to the canvas;
+# the IoU is taken with the clipped anchors. The release centres them at (16i, 16j) and does not clip them. We keep
+# ours: the grid is symmetric under the flip and the query never pools padding (with the release's anchors about a
+# third of the picked boxes cross the canvas edge), at the same mean IoU of the picked box (docs/fidelity.md).
 def make_anchors(image_size, aspect_ratios=(0.5, 0.75, 1.0, 1.5, 2.0)):
     """RPN-style anchors (sec. 4.2): 16 x 16 positions x 4 sizes x 5 ratios (h/w), clipped -> (5120, 4)."""
     sizes = pixel_sizes(image_size)
@@ -177,11 +152,13 @@ def make_anchors(image_size, aspect_ratios=(0.5, 0.75, 1.0, 1.5, 2.0)):
     return anchors.reshape(-1, 4).clamp(0, image_size)
 
 
+# NOTE: if no anchor has IoU > 0.5, the best one is used; the release falls back to the top 4,000 anchors
+# by IoU. The release spreads the choice: NMS 0.7 over random scores thins the candidates, then one of the
+# survivors is drawn uniformly; so do we, per sample in the data loader workers.
 def augment_box(box, anchors, iou_threshold=0.5, nms_threshold=0.7):
     """A random anchor with IoU > 0.5 with `box` (4,), or the best anchor if none (sec. 4.2)."""
     iou = torchvision.ops.box_iou(box[None], anchors)[0]  # (A,)
     candidates = anchors[iou > iou_threshold] if (iou > iou_threshold).any() else anchors[iou.argmax()][None]
-    # The release spreads the choice: NMS over random scores, then a uniform pick of the survivors.
     kept = torchvision.ops.nms(candidates, torch.rand(len(candidates)), nms_threshold)
     return candidates[kept[torch.randint(len(kept), ())]]
 
@@ -197,15 +174,14 @@ def fit_foreground(width, height, lo, hi):
 
 class InstanceComposition(torch.utils.data.Dataset):
     """Item i -> (im_q, im_k, box_q, box_q_aug, box_k, colour): image i pasted on two other images.
-
     Composites are (3, S, S) uint8, colour (2, 12) their photometric parameters; boxes are (4,) xyxy
     canvas pixels; box_q_aug is the query's augmented box (= box_q with --no-box-aug). An epoch
-    visits every image once as the foreground.
-    """
+    visits every image once as the foreground."""
 
     def __init__(self, source, args):
         if len(source) < 3:
-            raise SystemExit(f"error: InsLoc needs at least 3 images (a foreground, two backgrounds), got {len(source)}")
+            raise SystemExit(f"error: InsLoc needs at least 3 images (a foreground, two backgrounds), "
+                             f"got {len(source)}")
         self.source, self.args, self.size = source, args, args.image_size
         self.foreground_side = pixel_sizes(args.image_size)["foreground"]
         self.anchors = make_anchors(args.image_size)  # (A, 4), shared by every sample
@@ -213,11 +189,12 @@ class InstanceComposition(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.source)
 
+    # NOTE: the background is the whole other image stretched to the canvas (spec).
     def load_background(self, index):
         return TF.resize(TF.pil_to_tensor(self.source[index][0]), [self.size, self.size], antialias=True)  # (3, S, S)
 
     def draw_backgrounds(self, index):
-        """Two distinct background indices, neither the foreground `index` (footnote 2)."""
+        """NOTE: two distinct background indices (the views' differ), neither the foreground `index` (footnote 2)."""
         chosen = []
         while len(chosen) < 2:
             b = int(torch.randint(len(self.source), ()))
@@ -235,6 +212,9 @@ class InstanceComposition(torch.utils.data.Dataset):
         composite = self.load_background(background_index)
         composite[:, y:y + size[1], x:x + size[0]] = crop  # hard paste, no blending
         box = torch.tensor([x, y, x + size[0], y + size[1]], dtype=torch.float32)
+        # NOTE: the composite is flipped before the colour augmentation (the spec lists the flip after); every
+        # colour operation is per pixel or mirror-symmetric, so the distribution is the same and sample() returns
+        # the final geometry. The colour part runs on the training device, one draw per composite (photometric).
         flipped = bool(torch.rand(()) < 0.5)
         if flipped:  # the box is mirrored with the canvas
             composite = TF.hflip(composite)
@@ -250,18 +230,19 @@ class InstanceComposition(torch.utils.data.Dataset):
     def __getitem__(self, index):
         _, (view_q, view_k) = self.sample(index)
         box_q = view_q["box"]
+        # The query's augmented box: C4 pools it; FPN on P5 only (NOTE in InsLoc.forward). The key: the true box.
         box_q_aug = augment_box(box_q, self.anchors) if self.args.box_aug else box_q
         return view_q["composite"], view_k["composite"], box_q, box_q_aug, view_k["box"], draw_colour(2)
 
 
-# ---------------------------------------------------------------------------------------
-# Model: encoders pool one box per FPN level (C4: one level), key encoder, one queue per level
-# ---------------------------------------------------------------------------------------
+# --- Model: encoders pool one box per FPN level (C4: one level), key encoder, one queue per level ---
 
 
 def init_head(fcs, last):
-    """The release's head init (ConvFCBBoxInsClsHead.init_weights): the hidden fcs Xavier-uniform,
-    the last Linear N(0, 0.01), every bias 0."""
+    """NOTE: head init as the release (ConvFCBBoxInsClsHead.init_weights): the hidden fcs (C4: the MLP's
+    first Linear; FPN: fc6, fc7) Xavier-uniform, the last Linear N(0, 0.01), biases 0; FPN convs
+    Xavier-uniform (EncoderFPN). The release has no C4 config; its RoI head takes a res5 shared head
+    before the same head class, so C4's MLP gets the same init."""
     for fc in fcs:
         nn.init.xavier_uniform_(fc.weight)
         nn.init.zeros_(fc.bias)
@@ -269,6 +250,9 @@ def init_head(fcs, last):
     nn.init.zeros_(last.bias)
 
 
+# NOTE: RoIAlign (both encoders) samples each bin adaptively (ceil(bin side / feature cell) points a
+# side, sampling_ratio=0), as the release (sample_num=0). At a 256 canvas a box side of 128-256 px spans
+# 32-64 P2 cells, so a 7 x 7 bin is 4.6-9.1 cells wide (P3: 2.3-4.6), which fixed 2 x 2 points would alias.
 class EncoderC4(nn.Module):
     """R50-C4 (sec. 4.3): RoIAlign 14 x 14 on res4 -> res5 -> average pool -> MLP -> 128."""
 
@@ -314,8 +298,8 @@ class EncoderFPN(nn.Module):
         pyramid = self.fpn(OrderedDict(zip(self.levels, self.backbone(x))))  # P2..P5, (N, 256, S/4, S/4) ...
         rois = [roi_align_boxes(p, boxes[:, l], 7, stride, sampling_ratio=0)  # each (N, 256, 7, 7), no level assignment
                 for l, (p, stride) in enumerate(zip(pyramid.values(), self.backbone.strides))]
-        # (4N, 128), all levels in one batch, level-major: row l * N + i is image i's RoI, so that
-        # ghost BN puts it in image i's group (row % G = i % G)
+        # NOTE: the shared head runs on the RoIs of all four levels as one batch (its BN sees them together,
+        # as a detector's box head does): (4N, 128), level-major, row l * N + i is image i's RoI (ghost BN group i % G)
         z = self.projection(self.box_head(torch.cat(rois)))
         return F.normalize(z, dim=1).reshape(len(rois), len(x), -1).transpose(0, 1)  # (N, 4, 128)
 
@@ -343,33 +327,39 @@ class InsLoc(nn.Module):
         if colour is not None:
             im_q, im_k = photometric(im_q, colour[:, 0]), photometric(im_k, colour[:, 1])
         L = len(self.encoder_q.levels)
-        # Query boxes per level: C4 pools the augmented box; FPN only on P5 (the release).
+        # NOTE: C4's query pools the augmented box; FPN's pools it on P5 only, the true box on P2..P4 (the release).
         boxes_q = torch.stack([box_q] * (L - 1) + [box_q_aug], dim=1)  # (N, L, 4)
         q = self.encoder_q(im_q, boxes_q)  # (N, L, 128)
         ema_update(self.encoder_k, self.encoder_q, self.args.ema)
         boxes_k = box_k[:, None].expand(-1, L, -1)  # (N, L, 4): the key always pools the true box
         k = shuffled_key_forward(self.encoder_k, (im_k, boxes_k))  # (N, L, 128)
-        losses, accs = [], []
-        for l, queue in enumerate(self.queues):
-            loss_l, acc_l = info_nce(q[:, l], k[:, l], queue.keys.clone(), self.args.temperature)
-            queue.enqueue(k[:, l])
-            losses.append(loss_l)
-            accs.append(acc_l)
-        loss = torch.stack(losses).sum()  # sec. 4.3: the levels' losses are summed
-        terms = {"loss": loss.detach(), "acc": torch.stack(accs).mean()}
-        if L > 1:  # per-level terms
-            for level, loss_l, acc_l in zip(self.encoder_q.levels, losses, accs):
-                terms.update({f"loss_{level}": loss_l.detach(), f"acc_{level}": acc_l})
+        loss, terms = insloc_loss(q, k, self.queues, self.encoder_q.levels, self.args.temperature)
         terms["box_iou"] = torchvision.ops.box_iou(box_q, box_q_aug).diagonal().mean()  # sec. 4.2 jitter
         return loss, terms
 
 
-# ---------------------------------------------------------------------------------------
-# Loss
-# ---------------------------------------------------------------------------------------
+# --- Loss ---
 
 
-def info_nce(q, k, queue, tau):  # Same as in dilo.py, dupr.py, detco.py
+def insloc_loss(q, k, queues, levels, tau):
+    """Sec. 4.3: per level, InfoNCE of q against k and that level's queue (then k is enqueued); the levels'
+    losses are summed. q, k (N, L, 128) -> loss, terms (the total; per level too when L > 1)."""
+    losses, accs = [], []
+    for l, queue in enumerate(queues):
+        loss_l, acc_l = info_nce(q[:, l], k[:, l], queue.keys.clone(), tau)
+        queue.enqueue(k[:, l])
+        losses.append(loss_l)
+        accs.append(acc_l)
+    loss = torch.stack(losses).sum()  # sec. 4.3: the levels' losses are summed
+    terms = {"loss": loss.detach(), "acc": torch.stack(accs).mean()}
+    if len(levels) > 1:  # per-level terms
+        for level, loss_l, acc_l in zip(levels, losses, accs):
+            terms.update({f"loss_{level}": loss_l.detach(), f"acc_{level}": acc_l})
+    return loss, terms
+
+
+# Same as dupr.py
+def info_nce(q, k, queue, tau):
     """InfoNCE (MoCo eq. 1) in fp32, also under bf16 autocast. q, k: (N, D) positives row by row; queue: (K, D)."""
     with torch.autocast(q.device.type, enabled=False):  # autocast would run the (N, K) matmul in bf16
         q, k, queue = q.float(), k.float(), queue.float()
@@ -381,12 +371,11 @@ def info_nce(q, k, queue, tau):  # Same as in dilo.py, dupr.py, detco.py
         return F.cross_entropy(logits, target), acc
 
 
-# ---------------------------------------------------------------------------------------
-# Training loop
-# ---------------------------------------------------------------------------------------
+# --- Training loop ---
 
 
-def train_one_epoch(model, loader, optimizer, epoch, args, log):  # As in dilo.py, dupr.py, detco.py + lr_scale
+# Same as dupr.py
+def train_one_epoch(model, loader, optimizer, epoch, args, log):
     """One epoch (or --steps iterations): cosine lr per iteration, bf16 autocast, NaN guard, logs."""
     model.train()
     steps = min(args.steps, len(loader)) if args.steps else len(loader)
@@ -398,16 +387,17 @@ def train_one_epoch(model, loader, optimizer, epoch, args, log):  # As in dilo.p
         data_time = time.time() - end
         lr = args.lr_actual * 0.5 * (1 + math.cos(math.pi * (epoch + it / steps) / args.epochs))
         for group in optimizer.param_groups:
-            group["lr"] = lr * group["lr_scale"]  # --head-lr-scale for the layers on the trunk
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # insloc.py's --head-lr-scale
         batch = [t.to(args.device, non_blocking=True) for t in batch]
         if args.channels_last:  # NHWC convolutions are faster under bf16 on GPUs
             batch = [t.to(memory_format=torch.channels_last) if t.dim() == 4 else t for t in batch]
         with torch.autocast(args.device.type, dtype=torch.bfloat16, enabled=args.amp):
             loss, terms = model(*batch)
         if not math.isfinite(loss.item()):
-            kept = os.path.join(args.output_dir, "checkpoint.pth")
-            raise SystemExit(f"error: loss is {loss.item()} at epoch {epoch + 1} iteration {it + 1}; " + (
-                f"the last good checkpoint {kept} is kept" if os.path.exists(kept) else "no checkpoint was written yet"))
+            path = os.path.join(args.output_dir, "checkpoint.pth")
+            kept = "no checkpoint was written yet"
+            kept = f"the last good checkpoint {path} is kept" if os.path.exists(path) else kept
+            raise SystemExit(f"error: loss is {loss.item()} at epoch {epoch + 1} iteration {it + 1}; {kept}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -424,254 +414,10 @@ def train_one_epoch(model, loader, optimizer, epoch, args, log):  # As in dilo.p
     return {name: value / counts[name] for name, value in sums.items()}
 
 
-# ---------------------------------------------------------------------------------------
-# --- analysis (Table 3a: linear localization and classification readouts; view retrieval) ---
-# `python insloc.py --readout A/backbone.pth B/backbone.pth ...`: frozen backbones of any method
-# ---------------------------------------------------------------------------------------
-
-NORMALISE = T.Compose([T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-COLOURS = ("red", "blue", "green", "orange", "purple", "brown", "magenta", "teal", "black", "olive", "navy", "gray")
+# --- Preview: --preview N draws both composites, the true and the augmented box, then exits ---
 
 
-def grid_boxes(width, height, M=9):
-    """Fig. 4: the image cut into a sqrt(M) x sqrt(M) grid -> boxes (M, 4) xyxy, row-major: box i is patch i."""
-    g = round(M ** 0.5)
-    xs, ys = torch.linspace(0, width, g + 1).tolist(), torch.linspace(0, height, g + 1).tolist()
-    return torch.tensor([[xs[c], ys[r], xs[c + 1], ys[r + 1]] for r in range(g) for c in range(g)])
-
-
-@torch.no_grad()
-def box_features(trunk, image, boxes, size, roi, device):
-    """(n, C) frozen features of `boxes` (n, 4) of a PIL image: each box's crop resized to size x size ->
-    the trunk -> global average pool of conv5_x (the last level); roi=True: RoIAlign 14 x 14 of the full
-    image's conv4_x -> conv5_x -> average pool (the C4 detector's RoI head, as EncoderC4).
-    NOTE: sec. 5.2 forwards each patch, pools RoI features and runs "the head network"; a backbone
-    file has no head, so the pooled trunk output is read (the same for every method)."""
-    if roi:
-        c4 = trunk.forward_to_res4(NORMALISE(image)[None].to(device))
-        index = torch.zeros(len(boxes), dtype=torch.long, device=device)
-        return trunk.layer4(roi_align_boxes(c4, boxes.to(device), 14, 16, sampling_ratio=0, batch_index=index)).mean((2, 3)).cpu()
-    crops = [NORMALISE(image.resize((size, size), Image.BILINEAR, box=tuple(box))) for box in boxes.tolist()]
-    return trunk(torch.stack(crops).to(device))[-1].mean((2, 3)).cpu()
-
-
-def linear_probe(train_x, train_y, test_x, test_y, classes, l2=1e-3):
-    """Top-1 on the test split of a linear softmax classifier fit on the train split: features standardised
-    with the train split's mean and std, loss = cross-entropy + l2 * |W|^2, zero init, full-batch L-BFGS
-    (500 iterations, strong Wolfe line search). The problem is convex: no seed, no schedule."""
-    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
-    linear = nn.Linear(train_x.shape[1], classes)
-    nn.init.zeros_(linear.weight), nn.init.zeros_(linear.bias)
-    optimizer = torch.optim.LBFGS(linear.parameters(), max_iter=500, line_search_fn="strong_wolfe")
-
-    def closure():
-        optimizer.zero_grad()
-        loss = F.cross_entropy(linear((train_x - mean) / std), train_y) + l2 * linear.weight.square().sum()
-        loss.backward()
-        return loss
-    optimizer.step(closure)
-    return (linear((test_x - mean) / std).argmax(1) == test_y).float().mean().item()
-
-
-@torch.no_grad()
-def view_retrieval(trunks, images, size, seed, device, batch=64):
-    """Instance retrieval with no queue and no momentum encoder: two seeded MoCo v2 views of each image
-    (as loaded); how often is view 1's nearest view 2 (cosine of pooled conv5_x) its own? Top-1 per trunk."""
-    seed_everything(seed)
-
-    def view(image):  # MoCo v2's geometry on the uint8 image; its colour part runs batched below
-        image = TF.pil_to_tensor(image)
-        top, left, height, width = T.RandomResizedCrop.get_params(image, (0.2, 1.0), (3 / 4, 4 / 3))
-        crop = TF.resized_crop(image, top, left, height, width, [size, size], antialias=True)
-        return TF.hflip(crop) if torch.rand(()) < 0.5 else crop
-
-    views = []  # 2 x (trunks, G, C): every trunk embeds the same two views
-    for _ in range(2):
-        chunks = []
-        for start in range(0, len(images), batch):
-            x = torch.stack([view(images[i][0]) for i in range(start, min(start + batch, len(images)))])
-            x = photometric(x.to(device), draw_colour(len(x)))
-            chunks.append(torch.stack([F.normalize(trunk(x)[-1].mean((2, 3)), dim=1) for trunk in trunks]))  # (trunks, b, C)
-        views.append(torch.cat(chunks, dim=1))
-    own = (views[0] @ views[1].transpose(1, 2)).argmax(2).cpu() == torch.arange(views[0].shape[1])  # (trunks, G)
-    return own.float().mean(1).tolist()
-
-
-def draw_bars(groups, labels, path, height=320):
-    """A PIL bar chart: groups = [(name, values per backbone, chance)]; bars coloured by backbone (legend
-    below), a dashed black line at chance, the value above each bar, a y axis of accuracy 0..1."""
-    text, bar, axis = font(), 36, 50
-    top, bottom = 40, height - 50 - 16 * len(labels)
-    width = max(bar * len(labels), 120) + 30  # per group
-    sheet = Image.new("RGB", (axis + 10 + len(groups) * width, height), "white")
-    draw = ImageDraw.Draw(sheet)
-    draw.text((axis, 6), "top-1 accuracy of each readout on held-out images; dashed: chance", fill="black", font=text)
-    draw.line((axis, top, axis, bottom), fill="black")
-    for k in range(6):  # y ticks: accuracy 0, 0.2, ..., 1
-        y = bottom - k / 5 * (bottom - top)
-        draw.line((axis - 4, y, axis, y), fill="black")
-        draw.text((8, y - 7), f"{k / 5:.1f}", fill="black", font=text)
-    for g, (name, values, chance) in enumerate(groups):
-        left = axis + 10 + g * width
-        y_chance = bottom - chance * (bottom - top)
-        for b, value in enumerate(values):
-            y = bottom - value * (bottom - top)
-            draw.rectangle((left + b * bar, y, left + (b + 1) * bar - 4, bottom), fill=COLOURS[b % len(COLOURS)])
-            draw.text((left + b * bar, min(y, y_chance) - 16), f"{value:.2f}", fill="black", font=text)  # above both
-        y = y_chance
-        for x in range(left - 4, left + bar * len(values), 8):  # dashed: the chance line is not a bar's edge
-            draw.line((x, y, min(x + 4, left + bar * len(values)), y), fill="black", width=2)
-        draw.text((left, bottom + 4), f"{name}\nchance {chance:.3f}", fill="black", font=text)
-    for b, label in enumerate(labels):
-        draw.text((axis, bottom + 36 + 16 * b), label, fill=COLOURS[b % len(COLOURS)], font=text)
-    sheet.save(path)
-
-
-def readout(args):
-    """--readout: Table 3a's localization (patch index of a 3 x 3 grid) and classification (object category
-    of a ground-truth box) linear readouts, and view retrieval -> readout.json and readout.png. The linear
-    classifiers train on the first half of the held-out images and are tested on the second half.
-    NOTE: the paper's Cls is ImageNet linear classification of whole images; here the objects' boxes."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    trunks = [load_backbone(path, "--readout")[0].to(device) for path in args.readout]
-    labels = [os.path.join(os.path.basename(os.path.dirname(os.path.abspath(p))), os.path.basename(p)) for p in args.readout]
-    held_out = HeldOut(args.analysis_images, args.image_size, args.coco)
-    tasks = {"localization": 9, "classification": len(held_out.categories)}  # classes; M = 9
-    features, targets, train = ({task: [] for task in tasks} for _ in range(3))
-    progress = Progress("readout: RoI features", len(held_out))
-    for index in range(len(held_out)):
-        progress(index + 1)
-        image, target = held_out[index]
-        for task, boxes, y in (("localization", grid_boxes(image.width, image.height), torch.arange(9)),
-                               ("classification", target["boxes"], target["labels"] - 1)):
-            keep = (boxes[:, 2:] - boxes[:, :2]).amin(1) >= 1
-            if keep.any():
-                features[task].append([box_features(t, image, boxes[keep], args.image_size, args.readout_roi, device) for t in trunks])
-                targets[task].append(y[keep])
-                train[task].append(torch.full((int(keep.sum()),), index < len(held_out) // 2))
-    result = {"images": len(held_out), "image_size": args.image_size, "features": "RoIAlign 14 x 14 of conv4_x -> conv5_x"
-              if args.readout_roi else "crop resized to image_size -> conv5_x", "pool": "global average", "backbones": args.readout}
-    for task, classes in tasks.items():
-        y, split = torch.cat(targets[task]), torch.cat(train[task])
-        if not split.any() or split.all():
-            raise SystemExit(f"error: --readout: too few held-out images with boxes for the {task} readout")
-        x = [torch.cat([f[t] for f in features[task]]) for t in range(len(trunks))]
-        result[task] = [linear_probe(x_t[split], y[split], x_t[~split], y[~split], classes) for x_t in x]
-        result[f"{task}_chance"] = torch.bincount(y[~split]).max().item() / int((~split).sum())  # majority class
-    as_loaded = torch.utils.data.Subset(held_out.source, range(len(held_out)))  # read lazily, twice
-    result["view_retrieval"] = view_retrieval(trunks, as_loaded, args.image_size, args.seed, device)
-    result["view_retrieval_chance"] = 1 / len(held_out)
-    os.makedirs(args.output_dir, exist_ok=True)
-    with open(os.path.join(args.output_dir, "readout.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    draw_bars([(name, result[name], result[f"{name}_chance"]) for name in ("localization", "classification", "view_retrieval")],
-              labels, os.path.join(args.output_dir, "readout.png"))
-    for t, label in enumerate(labels):
-        print(f"{label}: localization {result['localization'][t]:.3f}, classification {result['classification'][t]:.3f}, "
-              f"view retrieval {result['view_retrieval'][t]:.3f}")
-    print(f"chance: localization {result['localization_chance']:.3f}, classification {result['classification_chance']:.3f}, "
-          f"view retrieval {result['view_retrieval_chance']:.3f}; paper (theirs, Table 3a, R50-C4 on ImageNet): "
-          f"Loc 71.9 MoCo v2 -> 74.2 InsLoc (+2.3), Cls 67.7 -> 61.7 (-6.0); wrote readout.json, readout.png in {args.output_dir}")
-    return result
-
-
-# ---------------------------------------------------------------------------------------
-# Plumbing: distributed setup, checkpoints, logging, preview. Same as in dilo.py.
-# ---------------------------------------------------------------------------------------
-
-
-def setup_distributed(args):  # Same as in dilo.py, dupr.py, detco.py
-    args.world_size, args.rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    if torch.cuda.is_available():
-        args.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(args.device)
-    else:
-        args.device = torch.device("cpu")
-    if args.world_size > 1:
-        dist.init_process_group("nccl" if args.device.type == "cuda" else "gloo")
-    args.is_main = args.rank == 0
-    args.amp = args.device.type == "cuda" if args.amp is None else args.amp
-    args.channels_last = args.device.type == "cuda" if args.channels_last is None else args.channels_last
-    args.lr_actual = args.lr * args.batch_size / 256
-
-
-def seed_everything(seed):
-    """Every epoch reseeds from (seed, epoch, rank), so a resumed run replays the same randomness."""
-    torch.manual_seed(seed)
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-
-
-def peak_memory_mb(args):
-    if args.device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def make_logger(args, start_epoch):  # Same as in dilo.py, dupr.py, detco.py
-    """log(row): on the main process, a row of output-dir/log.jsonl with the wall-clock time, the time since
-    this start and, in progress rows, the ETA of the whole run; and a console line. The first row of a start
-    holds the arguments. A resume drops the rows of the epochs it redoes, so that no row is duplicated."""
-    path, start = os.path.join(args.output_dir, "log.jsonl"), time.time()
-    hms = lambda seconds: f"{int(seconds) // 3600}:{int(seconds) // 60 % 60:02d}:{int(seconds) % 60:02d}"
-
-    def log(row):
-        if not args.is_main:
-            return
-        row = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "elapsed_s": round(time.time() - start, 1), **row}
-        if "iteration" in row:  # every remaining step of the run, at this start's pace so far
-            done = (row["epoch"] - start_epoch) * row["steps"] + row["iteration"] + 1
-            row["eta_s"] = row["elapsed_s"] / done * ((args.epochs - start_epoch) * row["steps"] - done)
-        with open(path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        accuracy = [value for name, value in row.items() if name.startswith("acc")]
-        where = f"{row['time'][5:]} +{hms(row['elapsed_s'])} epoch {row.get('epoch', args.epochs - 1) + 1}/{args.epochs}"
-        scores = f"loss {row.get('loss', math.nan):.4f} acc {sum(accuracy) / max(len(accuracy), 1):.3f}"
-        if "iteration" in row:
-            print(f"{where} [{row['iteration'] + 1}/{row['steps']}] {scores} lr {row['lr']:.5f} {row['img_per_s']:.1f} "
-                  f"img/s data {100 * row['data_time'] / row['step_time']:.0f}% mem {row['memory_mb']:.0f} MB "
-                  f"eta {hms(row['eta_s'])}", flush=True)
-        elif "checkpoint" in row:
-            print(f"{where} done: {scores} (epoch means); saved {row['checkpoint']}", flush=True)
-        elif row.get("event") == "done":
-            print(f"done: epochs {start_epoch + 1}-{args.epochs} in {hms(row['elapsed_s'])}; checkpoint.pth, backbone.pth, "
-                  f"log.jsonl, loss.png in {args.output_dir}", flush=True)
-
-    if args.is_main:  # the output directory appears only now, as training starts
-        os.makedirs(args.output_dir, exist_ok=True)
-        with open(path, "a+") as f, open(path + ".tmp", "w") as kept:
-            f.seek(0)  # a resume keeps the rows of finished epochs and of earlier starts; a new run none
-            kept.writelines(line for line in f if start_epoch and line.endswith("\n")
-                            and json.loads(line).get("epoch", -1) < start_epoch)
-        os.replace(path + ".tmp", path)
-    arguments = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, type(None)))}
-    log({"event": "resume" if start_epoch else "start", "epochs_done": start_epoch, "world_size": args.world_size,
-         "torch": torch.__version__, "args": arguments})
-    return log
-
-
-def load_checkpoint(model, optimizer, args):  # Same as in dilo.py, dupr.py, detco.py
-    """The epoch to start from: 0, or that of the checkpoint all ranks agree on, if its recipe is ours."""
-    checkpoint = agreed_checkpoint("insloc", args)
-    if checkpoint is None:
-        return 0
-    start_epoch = resume_epoch(checkpoint, args)
-    model.load_state_dict(checkpoint["model"])
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    return start_epoch
-
-
-def save_checkpoint(model, optimizer, epoch, args):
-    """checkpoint.pth (everything to resume) and backbone.pth (torchvision keys), atomically."""
-    state = {"method": "insloc", "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-             "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, type(None)))}}
-    # backbone.pth: the ResNet, plus for fpn the FPN and box head under fpn. / box_head. (conventions.md)
-    for name, obj in (("checkpoint.pth", state), ("backbone.pth", model.encoder_q.torchvision_state_dict())):
-        path = os.path.join(args.output_dir, name)
-        torch.save(obj, path + ".tmp")
-        os.replace(path + ".tmp", path)
-
-
+# Same as dupr.py
 def to_picture(tensor, size):
     """A normalised (3, H, W) view back to a PIL image."""
     mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
@@ -691,7 +437,8 @@ def write_preview(dataset, args, cell=128):
         box_aug = augment_box(views[0]["box"], dataset.anchors) if args.box_aug else views[0]["box"]
         composites = torch.stack([v["composite"] for v in views])  # (2, 3, S, S) uint8
         cells = [image] + [TF.to_pil_image(c) for c in composites]
-        cells = [c.resize((cell, cell)) for c in cells] + [to_picture(v, cell) for v in photometric(composites, draw_colour(2))]
+        views_after_colour = photometric(composites, draw_colour(2))  # (2, 3, S, S) normalised
+        cells = [c.resize((cell, cell)) for c in cells] + [to_picture(v, cell) for v in views_after_colour]
         for c, picture in enumerate(cells):
             sheet.paste(picture, (c * cell, 16 + row * cell))
         for c in (1, 2, 3, 4):  # the same geometry on the composite and on the augmented view
@@ -707,16 +454,114 @@ def write_preview(dataset, args, cell=128):
     print(f"wrote {path}")
 
 
-# ---------------------------------------------------------------------------------------
-# Main
-# ---------------------------------------------------------------------------------------
+# --- Plumbing: distributed setup, seeds, memory, logging, checkpoints ---
+
+
+# Same as dupr.py
+def setup_distributed(args):
+    args.world_size, args.rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    if torch.cuda.is_available():
+        args.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(args.device)
+    else:
+        args.device = torch.device("cpu")
+    if args.world_size > 1:
+        dist.init_process_group("nccl" if args.device.type == "cuda" else "gloo")
+    args.is_main = args.rank == 0
+    args.amp = args.device.type == "cuda" if args.amp is None else args.amp
+    args.channels_last = args.device.type == "cuda" if args.channels_last is None else args.channels_last
+    args.lr_actual = args.lr * args.batch_size / 256
+
+
+# Same as dupr.py
+def seed_everything(seed):
+    """Every epoch reseeds from (seed, epoch, rank), so a resumed run replays the same randomness."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+# Same as dupr.py
+def peak_memory_mb(args):
+    if args.device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+# Same as dupr.py
+def make_logger(args, start_epoch):
+    """log(row): on the main process, a row of output-dir/log.jsonl with the wall-clock time, the time since
+    this start and, in progress rows, the ETA of the whole run; and a console line. The first row of a start
+    holds the arguments. A resume drops the rows of the epochs it redoes, so that no row is duplicated."""
+    path, start = os.path.join(args.output_dir, "log.jsonl"), time.time()
+    hms = lambda seconds: f"{int(seconds) // 3600}:{int(seconds) // 60 % 60:02d}:{int(seconds) % 60:02d}"
+
+    def log(row):
+        if not args.is_main:
+            return
+        row = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "elapsed_s": round(time.time() - start, 1), **row}
+        if "iteration" in row:  # every remaining step of the run, at this start's pace so far
+            done = (row["epoch"] - start_epoch) * row["steps"] + row["iteration"] + 1
+            row["eta_s"] = row["elapsed_s"] / done * ((args.epochs - start_epoch) * row["steps"] - done)
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        accuracy = [value for name, value in row.items() if name.startswith("acc")]
+        epoch = row.get("epoch", args.epochs - 1) + 1  # 1-based
+        where = f"{row['time'][5:]} +{hms(row['elapsed_s'])} epoch {epoch}/{args.epochs}"
+        scores = f"loss {row.get('loss', math.nan):.4f} acc {sum(accuracy) / max(len(accuracy), 1):.3f}"
+        if "iteration" in row:
+            print(f"{where} [{row['iteration'] + 1}/{row['steps']}] {scores} lr {row['lr']:.5f} {row['img_per_s']:.1f} "
+                  f"img/s data {100 * row['data_time'] / row['step_time']:.0f}% mem {row['memory_mb']:.0f} MB "
+                  f"eta {hms(row['eta_s'])}", flush=True)
+        elif "checkpoint" in row:
+            print(f"{where} done: {scores} (epoch means); saved {row['checkpoint']}", flush=True)
+        elif row.get("event") == "done":
+            print(f"done: epochs {start_epoch + 1}-{args.epochs} in {hms(row['elapsed_s'])}; checkpoint.pth, "
+                  f"backbone.pth, log.jsonl, loss.png in {args.output_dir}", flush=True)
+
+    if args.is_main:  # the output directory appears only now, as training starts
+        os.makedirs(args.output_dir, exist_ok=True)
+        with open(path, "a+") as f, open(path + ".tmp", "w") as kept:
+            f.seek(0)  # a resume keeps the rows of finished epochs and of earlier starts; a new run none
+            kept.writelines(line for line in f if start_epoch and line.endswith("\n")
+                            and json.loads(line).get("epoch", -1) < start_epoch)
+        os.replace(path + ".tmp", path)
+    arguments = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, type(None)))}
+    log({"event": "resume" if start_epoch else "start", "epochs_done": start_epoch, "world_size": args.world_size,
+         "torch": torch.__version__, "args": arguments})
+    return log
+
+
+# Same as dupr.py
+def load_checkpoint(model, optimizer, args):
+    """The epoch to start from: 0, or that of the checkpoint all ranks agree on, if its recipe is ours."""
+    checkpoint = agreed_checkpoint(METHOD, args)
+    if checkpoint is None:
+        return 0
+    start_epoch = resume_epoch(checkpoint, args)
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    return start_epoch
+
+
+def save_checkpoint(model, optimizer, epoch, args):
+    """checkpoint.pth (everything to resume) and backbone.pth (torchvision keys), atomically."""
+    state = {"method": METHOD, "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, type(None)))}}
+    # backbone.pth: the ResNet, plus for fpn the FPN and box head under fpn. / box_head. (conventions.md)
+    for name, obj in (("checkpoint.pth", state), ("backbone.pth", model.encoder_q.torchvision_state_dict())):
+        path = os.path.join(args.output_dir, name)
+        torch.save(obj, path + ".tmp")
+        os.replace(path + ".tmp", path)
+
+
+# --- Main ---
 
 
 def main(args):
-    if args.readout:
-        return readout(args)
     setup_distributed(args)
-    source = open_source(args.data, TINY_IMAGES if args.tiny else 5000, args.image_size * 8 // 7, min_side=args.image_size)
+    source = open_source(args.data, TINY_IMAGES if args.tiny else 5000, args.image_size * 8 // 7,
+                         min_side=args.image_size)
     dataset = InstanceComposition(source, args)
     if args.preview:
         return write_preview(dataset, args) if args.is_main else None
@@ -726,7 +571,7 @@ def main(args):
     model = InsLoc(args).to(args.device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    # NOTE: Nesterov momentum, the InsLoc recipe (dilo.py: plain momentum).
+    # NOTE: Nesterov momentum (spec, the release) where dilo.py uses plain momentum.
     heads = [p for name, p in model.encoder_q.named_parameters() if not name.startswith("backbone.")]
     groups = [{"params": model.encoder_q.backbone.parameters(), "lr_scale": 1.0},
               {"params": heads, "lr_scale": args.head_lr_scale}]
@@ -738,7 +583,8 @@ def main(args):
     if args.is_main:
         count = lambda module: sum(p.numel() for p in module.parameters())
         print(f"world size {args.world_size}, device {args.device}, global batch {args.batch_size}, "
-              f"lr {args.lr_actual:.4f} (= {args.lr} x {args.batch_size}/256; heads x {args.head_lr_scale:g}), {len(dataset)} images, "
+              f"lr {args.lr_actual:.4f} (= {args.lr} x {args.batch_size}/256; heads x {args.head_lr_scale:g}), "
+              f"{len(dataset)} images, "
               f"backbone {count(model.encoder_q.backbone) / 1e6:.2f}M, "
               f"heads {(count(model.encoder_q) - count(model.encoder_q.backbone)) / 1e6:.2f}M params")
         print(batchnorm_groups(args), flush=True)
@@ -746,10 +592,12 @@ def main(args):
     if args.world_size > 1:  # the queues are identical on every rank already: DDP must not broadcast buffers
         # before each forward. torch >= 2.13 calls that forward_sync_buffers and warns on broadcast_buffers.
         new = "forward_sync_buffers" in inspect.signature(nn.parallel.DistributedDataParallel).parameters
-        ddp_model = nn.parallel.DistributedDataParallel(model, **{"forward_sync_buffers" if new else "broadcast_buffers": False})
+        ddp_model = nn.parallel.DistributedDataParallel(
+            model, **{"forward_sync_buffers" if new else "broadcast_buffers": False})
     sampler = torch.utils.data.DistributedSampler(dataset, args.world_size, args.rank, seed=args.seed, drop_last=True)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size // args.world_size, sampler=sampler,
-                                         num_workers=args.workers, pin_memory=args.device.type == "cuda", drop_last=True)
+                                         num_workers=args.workers, pin_memory=args.device.type == "cuda",
+                                         drop_last=True)
     if len(loader) == 0:
         raise SystemExit(f"error: {len(dataset)} images give no full batch of {args.batch_size}")
     log = make_logger(args, start_epoch)
