@@ -34,7 +34,6 @@ import json
 import math
 import os
 import pathlib
-import random
 import re
 import signal
 import sys
@@ -65,8 +64,7 @@ SCHEDULES = {  # spec "Schedules": per dataset, the MoCo protocol's iterations, 
     "coco": dict(train_split="train2017", test_split="val2017", iters=90000, lr_steps=[60000, 80000],  # detectron2's
                  warmup=1000, min_size=list(range(640, 801, 32)), test_size=800, max_size=1333),
     "synthetic": dict(train_split="train", test_split="val", iters=3000, lr_steps=[2000, 2600], warmup=300,
-                      min_size=[192, 224, 256], test_size=256, max_size=512),
-}
+                      min_size=[192, 224, 256], test_size=256, max_size=512)}
 # NOTE: the tiny recipe uses faster-fpn: on a 2-core CPU the C4 head (res5 per RoI) is ~10x slower
 TINY = dict(dataset="synthetic", model="faster-fpn", arch="resnet18", image_size=96, train_images=400,
             test_images=50, iters=200, lr_steps=[150, 180], batch_size=2, lr=0.04, min_size=[80, 96], test_size=96,
@@ -140,6 +138,8 @@ def get_args(argv=None):
     parser.add_argument("--eval-only", action="store_true", help="evaluate the (resumed or pretrained) model and exit")
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                         help="bf16 autocast (default: on for CUDA)")
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                        help="NHWC weights, so NHWC feature maps from the first conv on (default: on for CUDA)")
     parser.add_argument("--print-freq", type=positive, default=20, help="iterations between log lines")
     parser.add_argument("--save-freq", type=positive, default=2000, help="iterations between checkpoints")
     parser.add_argument("--seed", type=int, default=0, help="seeds the data order, flips and initialisation")
@@ -254,8 +254,7 @@ class COCODetection(torch.utils.data.Dataset):
             raise SystemExit(f"error: {len(missing)} of the {len(self.coco['images'])} images that {path} names "
                              f"are not in {self.folder} (e.g. {missing[0]}); expected {layout}")
         self.category_ids = sorted(c["id"] for c in self.coco["categories"])
-        self.label = {c: n + 1 for n, c in enumerate(self.category_ids)}
-        self.num_classes = len(self.category_ids)
+        self.label, self.num_classes = {c: n + 1 for n, c in enumerate(self.category_ids)}, len(self.category_ids)
         self.annotations = {image["id"]: [] for image in self.coco["images"]}
         sizes = {image["id"]: (image["width"], image["height"]) for image in self.coco["images"]}
         for a in self.coco["annotations"]:
@@ -315,9 +314,7 @@ def open_dataset(args, train):
     split = args.train_split if train else args.test_split
     if args.dataset == "synthetic" and not args.data_root:
         return SyntheticDetection(args.train_images if train else args.test_images, args.image_size, split)
-    if args.dataset == "voc":
-        return VOCDetection(args.data_root, split, train)
-    return COCODetection(args.data_root, split, train)
+    return (VOCDetection if args.dataset == "voc" else COCODetection)(args.data_root, split, train)
 
 
 class DetectionTransform:
@@ -326,18 +323,13 @@ class DetectionTransform:
     def __init__(self, dataset, train):
         self.dataset, self.train = dataset, train
 
-    def __len__(self):
-        return len(self.dataset)
-
     def __getitem__(self, item):
         index, flip = item if self.train else (item, False)  # training items are (index, flip) from the sampler
         image, target = self.dataset[index]
         image = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)  # (3, H, W)
         if flip:
-            image = image.flip(-1)
-            boxes = target["boxes"].clone()
-            boxes[:, [0, 2]] = image.shape[-1] - target["boxes"][:, [2, 0]]
-            target = {**target, "boxes": boxes}
+            image, target = image.flip(-1), {**target, "boxes": target["boxes"].clone()}
+            target["boxes"][:, [0, 2]] = image.shape[-1] - target["boxes"][:, [2, 0]]  # x' = W - x, x1 and x2 swap
             if "masks" in target:
                 target["masks"] = target["masks"].flip(-1)
         return image, target
@@ -409,6 +401,14 @@ class AlignedRoIAlign(torchvision.ops.MultiScaleRoIAlign):
             out[index] = torchvision.ops.roi_align(feature, rois[index], self.output_size, 1.0 / stride,
                                                    sampling_ratio=0, aligned=True).to(out.dtype)
         return out
+
+
+class Float32BoxCoder(torchvision.models.detection._utils.BoxCoder):
+    """NOTE: torchvision decodes in the deltas' dtype: under bf16 autocast, proposals, ground truth (cast to theirs)
+    and detections would be bf16, 4-8 px apart at 512-2048 px. detectron2's apply_deltas decodes in fp32, as this."""
+
+    def decode_single(self, rel_codes, boxes):
+        return super().decode_single(rel_codes.float(), boxes.float())
 
 
 class Res5BoxHead(nn.Module):
@@ -487,6 +487,8 @@ def build_model(args, num_classes):
                            mask_head=MaskRCNNHeads(256, [256] * 4, 1, norm_layer=norm),
                            mask_predictor=MaskRCNNPredictor(256, 256, num_classes + 1))
     detector = (MaskRCNN if args.model.startswith("mask") else FasterRCNN)(backbone, **options)
+    detector.rpn.box_coder = Float32BoxCoder((1.0, 1.0, 1.0, 1.0))  # torchvision's weights
+    detector.roi_heads.box_coder = Float32BoxCoder((10.0, 10.0, 5.0, 5.0))
     detectron2_init(detector.roi_heads, fpn=args.model.endswith("fpn"))
     return detector
 
@@ -765,8 +767,7 @@ class Interrupt:
     def __call__(self, signum, frame):
         if os.getpid() != self.pid:  # a loader worker (forked with this handler): it keeps serving the batch the
             return  # main process is receiving (a cut handshake prints a traceback); the loader ends it after
-        # Loader workers that got the same signal may die first: torch's SIGCHLD check would raise then.
-        signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+        signal.signal(signal.SIGCHLD, lambda signum, frame: None)  # workers may die first; torch's check would raise
         if self.training and not self.requested:
             self.requested = True
             return
@@ -804,10 +805,10 @@ def setup_distributed(args):
     if args.world_size > 1:
         dist.init_process_group("nccl" if args.device.type == "cuda" else "gloo")
     if args.batch_size % args.world_size:
-        raise SystemExit(f"error: --batch-size {args.batch_size} does not divide by the world size "
-                         f"{args.world_size}")
+        raise SystemExit(f"error: --batch-size {args.batch_size} does not divide by the world size {args.world_size}")
     args.is_main = args.rank == 0
     args.amp = args.device.type == "cuda" if args.amp is None else args.amp
+    args.channels_last = args.device.type == "cuda" if args.channels_last is None else args.channels_last
     args.lr_actual = args.lr * args.batch_size / 16
 
 
@@ -868,11 +869,10 @@ def main(args):
     source = read_weights(args.pretrained, "--pretrained")[0] if args.pretrained != "none" else None  # before data
     os.makedirs(args.output_dir, exist_ok=True)
     torch.manual_seed(args.seed)
-    random.seed(args.seed)
     train_set, test_set = open_dataset(args, train=True), open_dataset(args, train=False)
     model = build_model(args, train_set.num_classes)
     load_pretrained(model, args, source)
-    model.to(args.device)
+    model.to(args.device, memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
     if args.world_size > 1 and args.device.type == "cuda":  # NOTE: SyncBN needs CUDA: on CPU, BN stays per process
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     optimizer = torch.optim.SGD(parameter_groups(model, args.wd), lr=args.lr_actual, momentum=0.9)

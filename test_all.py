@@ -3282,3 +3282,345 @@ def test_trainers_import_only_common_and_libraries_and_lines_fit():
         assert not imported & {"tools", "dilo", "dupr", "detco", "insloc", "detect_finetune"}, (name, imported)
         long = [i + 1 for i, line in enumerate(text.splitlines()) if len(line) > 120]
         assert not long, f"{name}: lines {long} are over 120 characters"
+
+
+# --- the GPU path (issue 33): its settings on the CPU, the checks that need a GPU, the benchmark command ---
+
+import tools.benchmark  # noqa: E402
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+needs_two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+
+
+# ---------------------------------------------------------------------------------------
+# The GPU's settings on the CPU: bf16 autocast and channels_last
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model", ["faster-fpn", "mask-fpn"])
+def test_detect_bf16_autocast_and_channels_last_train_and_evaluate_on_the_cpu(model, tmp_path):
+    """detect_finetune.py --amp --channels-last forced on the CPU: two iterations, PreciseBN, inference and the
+    COCO evaluation run; the losses are finite and the weights were trained in NHWC."""
+    detect.main(detect.get_args(["--tiny", "--model", model, "--iters", "2", "--train-images", "8", "--test-images",
+                                 "2", "--precise-bn-iters", "1", "--workers", "0", "--print-freq", "1", "--amp",
+                                 "--channels-last", "--output-dir", str(tmp_path)]))
+    rows = [row for row in read_log(tmp_path / "log.jsonl") if "iteration" in row]
+    assert [row["iteration"] for row in rows] == [0, 1]
+    assert all(math.isfinite(row[key]) for row in rows for key in row if key.startswith("loss"))
+    metrics = json.load(open(tmp_path / "metrics.json"))
+    assert metrics["protocol"]["amp"] is True and metrics["protocol"]["channels_last"] is True
+    for kind in ("bbox", "segm") if model.startswith("mask") else ("bbox",):
+        assert all(value == -1 or 0 <= value <= 100 for value in metrics[kind].values()), metrics[kind]
+    weights = torch.load(tmp_path / "checkpoint.pth", weights_only=True)["model"]
+    assert weights["backbone.body.conv1.weight"].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_detect_boxes_stay_fp32_under_bf16_autocast():
+    """torchvision decodes boxes in the deltas' dtype; under bf16 autocast that rounds proposals, the ground truth
+    matched to them and the detections by up to 4 px at 512-1024 px. Float32BoxCoder decodes the same (bf16) deltas
+    in fp32: the boxes that reach RoIAlign (training and inference) and the detections are fp32."""
+    generator = torch.Generator().manual_seed(0)
+    corner = 600 + 600 * torch.rand(64, 2, generator=generator)
+    boxes = torch.cat([corner, corner + 16 + 200 * torch.rand(64, 2, generator=generator)], 1)  # (64, 4) at 600-1416 px
+    deltas = (0.1 * torch.randn(64, 4, generator=generator)).bfloat16()  # what a bf16 box regressor gives
+    ours = detect.Float32BoxCoder((10.0, 10.0, 5.0, 5.0)).decode_single(deltas, boxes)
+    stock = torchvision.models.detection._utils.BoxCoder((10.0, 10.0, 5.0, 5.0))
+    assert ours.dtype == torch.float32 and torch.equal(ours, stock.decode_single(deltas.float(), boxes))
+    rounded = stock.decode_single(deltas, boxes)
+    assert rounded.dtype == torch.bfloat16 and (rounded.float() - ours).abs().max() >= 2  # what it replaces
+    for name in ("faster-fpn", "mask-c4"):
+        args = detect.get_args(["--tiny", "--model", name, "--roi-batch-size", "16", "--workers", "0"])
+        torch.manual_seed(0)
+        model = detect.build_model(args, 8).to(memory_format=torch.channels_last)
+        seen = []
+        for pool in (model.roi_heads.box_roi_pool, model.roi_heads.mask_roi_pool):
+            if pool is not None:
+                pool.register_forward_pre_hook(lambda module, inputs: seen.extend(p.dtype for p in inputs[1]))
+        images = [torch.rand(3, 96, 80, generator=generator), torch.rand(3, 80, 96, generator=generator)]
+        masks = [torch.zeros(1, *image.shape[1:], dtype=torch.uint8) for image in images]
+        for mask in masks:
+            mask[:, 10:60, 10:50] = 1
+        targets = [{"boxes": torch.tensor([[10.0, 10.0, 50.0, 60.0]]), "labels": torch.tensor([1]), "masks": mask}
+                   for mask in masks]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            losses = model(images, targets)
+            assert all(torch.isfinite(value) for value in losses.values()), (name, losses)
+            model.eval()
+            outputs = model(images)
+        assert len(seen) >= 4 and set(seen) == {torch.float32}, (name, seen)  # box (and mask) RoIs, both modes
+        assert all(output["boxes"].dtype == torch.float32 for output in outputs)
+
+
+def test_photometric_under_bf16_autocast_is_the_fp32_path():
+    """common.photometric turns autocast off: under bf16 autocast (as --amp) and with NHWC input (as
+    --channels-last) its output is fp32 and the fp32 path's, for single views and k-image samples; the blur
+    alone under autocast would run in bf16 and be off by more than a bf16 rounding of the range."""
+    generator = torch.Generator().manual_seed(0)
+    colour = common.draw_colour(16, generator)
+    colour[:4, 0], colour[:4, 10] = 1.0, 1.0  # some samples jitter and blur for sure
+    for shape in ((16, 3, 40, 36), (16, 2, 3, 24, 24)):
+        x = torch.randint(0, 256, shape, dtype=torch.uint8, generator=generator)
+        reference = common.photometric(x, colour)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            amp = common.photometric(x, colour)
+            nhwc = common.photometric(x.to(memory_format=torch.channels_last), colour) if x.dim() == 4 else amp
+        assert reference.dtype == amp.dtype == nhwc.dtype == torch.float32
+        assert torch.equal(amp, reference)  # exactly: nothing in it ran in bf16
+        assert (nhwc - reference).abs().max() <= 1e-5  # another convolution algorithm: fp32 rounding only
+    images = torch.rand(8, 3, 32, 32, generator=generator)
+    sigma = torch.full((8,), 1.5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        blurred_bf16 = common.gaussian_blur(images, sigma)
+    assert (blurred_bf16.float() - common.gaussian_blur(images, sigma)).abs().max() > 2 ** -9
+
+
+def test_roi_align_boxes_keeps_the_boxes_fp32_for_bf16_features():
+    """common.roi_align_boxes pools bf16 feature maps (as under --amp) with fp32 box coordinates: the result is
+    the fp32 RoIAlign of the same features rounded once to bf16. With the boxes rounded to bf16 (2 px apart
+    at 256-512 px) the pooled grid would move by up to a pixel."""
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(2, 8, 64, 64, generator=generator).bfloat16().to(memory_format=torch.channels_last)
+    corner = 130 + 200 * torch.rand(6, 2, generator=generator)
+    boxes = torch.cat([corner + 0.37, corner + 40.71], 1)  # (6, 4) above 128 px: not multiples of a bf16 step
+    batch_index = torch.tensor([0, 1, 0, 1, 0, 1])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        pooled = common.roi_align_boxes(features, boxes, 7, 8, 2, batch_index)
+    rois = torch.cat([batch_index[:, None].float(), boxes], 1)
+    reference = torchvision.ops.roi_align(features.float(), rois, 7, 1 / 8, 2, aligned=True).bfloat16()
+    assert pooled.dtype == torch.bfloat16 and torch.equal(pooled, reference)
+    rounded = torch.cat([batch_index[:, None].float(), boxes.bfloat16().float()], 1)
+    assert not torch.equal(torchvision.ops.roi_align(features.float(), rounded, 7, 1 / 8, 2, aligned=True).bfloat16(),
+                           reference)
+
+
+# ---------------------------------------------------------------------------------------
+# The benchmark command: python -m tools.benchmark
+# ---------------------------------------------------------------------------------------
+
+
+def test_benchmark_table_gives_every_value_as_a_ratio_to_moco_v2():
+    values = dict(step_time_s=0.5, img_per_s=64.0, data_time_ms=2.0, memory_mb=1000.0, loader_ms=5.0)
+    rows = [{"label": label, "command": f"{name}.py " + " ".join(extra), **{k: v * (1 + i) for k, v in values.items()}}
+            for i, (label, name, extra) in enumerate(tools.benchmark.ROWS)]
+    rows[2] = {**rows[2], "data_time_ms": 0.0}
+    rows[3] = {"label": "DetCo", "command": "detco.py", "error": "error: out of memory"}
+    lines = tools.benchmark.table(rows).splitlines()
+    assert len(lines) == 2 + len(tools.benchmark.ROWS)
+    assert lines[2] == ("| MoCo v2 | `dilo.py --paste-prob 0` | 0.500 (1.00x) | 64.0 (1.00x) | 2.0 ms (1.00x) | "
+                        "1,000 MB (1.00x) | 5.00 ms/item (1.00x) |")
+    assert "| 1.000 (2.00x) | 128.0 (2.00x) |" in lines[3] and "0.0 ms (0.00x)" in lines[4]
+    assert lines[5] == "| DetCo | `detco.py` | failed: error: out of memory |"
+
+
+@slow
+def test_benchmark_command_runs_every_trainer_at_the_smallest_size(tmp_path):
+    """`python -m tools.benchmark --tiny` at 32 px, batch 8, 2 steps: a row per trainer (InsLoc both variants),
+    each value finite and a ratio to the MoCo v2 row, whose ratios are 1.00; the JSON holds the same table."""
+    command = [sys.executable, "-m", "tools.benchmark", "--tiny", "--steps", "2", "--image-size", "32", "--batch-size",
+               "8", "--workers", "0", "--loader-items", "4", "--output-dir", str(tmp_path)]
+    result = subprocess.run(command, cwd=HERE, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.load(open(tmp_path / "benchmark.json"))
+    assert [row["label"] for row in report["rows"]] == ["MoCo v2", "DiLo", "DUPR", "DetCo", "InsLoc C4", "InsLoc FPN"]
+    for row in report["rows"]:
+        assert len(row["steps"]) == 2 and row["warmup"] == 1 and row["args"]["image_size"] == 32
+        assert all(math.isfinite(row[key]) and row[key] >= 0 for key, _, _ in tools.benchmark.COLUMNS)
+        assert row["step_time_s"] > 0 and row["memory_mb"] > 0 and row["loader_ms"] > 0
+    assert [row["args"]["variant"] for row in report["rows"][4:]] == ["c4", "fpn"]
+    assert report["rows"][0]["args"]["paste_prob"] == 0 and report["rows"][1]["args"]["paste_prob"] > 0
+    moco = next(line for line in result.stdout.splitlines() if line.startswith("| MoCo v2 |"))
+    assert moco.count("(1.00x)") == len(tools.benchmark.COLUMNS) - (report["rows"][0]["data_time_ms"] == 0)
+    assert report["table"] in result.stdout and "CPU" in report["device"]
+
+
+# ---------------------------------------------------------------------------------------
+# On a GPU (skipped without one; CI is CPU-only). docs/running.md, "What only a GPU runs", lists what they cover.
+# ---------------------------------------------------------------------------------------
+
+PAPER_SHAPE = [("dilo", []), ("dupr", []), ("detco", []), ("insloc", ["--variant", "c4"]),
+               ("insloc", ["--variant", "fpn"])]
+
+
+@needs_gpu
+@pytest.mark.parametrize("name, extra", PAPER_SHAPE, ids=["dilo", "dupr", "detco", "insloc-c4", "insloc-fpn"])
+def test_gpu_trainer_five_steps_at_the_papers_shape(name, extra, tmp_path):
+    """ResNet-50, 224 px (InsLoc: 256 canvas), batch 64 in one process (ghost BN in 2 groups of 32), K 65536,
+    bf16 autocast, channels_last: 5 steps with finite losses; prints the peak memory (torch.cuda max allocated)."""
+    size = "256" if name == "insloc" else "224"
+    command = [sys.executable, f"{name}.py", "--data", "synthetic", "--arch", "resnet50", "--image-size", size,
+               "--batch-size", "64", "--steps", "5", "--epochs", "1", "--amp", "--channels-last", "--workers", "4",
+               "--print-freq", "1", "--output-dir", str(tmp_path)] + extra
+    result = subprocess.run(command, cwd=HERE, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = read_log(tmp_path / "log.jsonl", events=True)
+    assert rows[0]["args"]["amp"] is True and rows[0]["args"]["channels_last"] is True
+    steps = [row for row in rows if "iteration" in row]
+    assert [row["iteration"] for row in steps] == list(range(5))
+    assert all(math.isfinite(row[key]) for row in steps for key in row if key.startswith(("loss", "acc")))
+    total_mb = torch.cuda.get_device_properties(0).total_memory / 2**20
+    assert all(0 < row["memory_mb"] < total_mb for row in steps)
+    print(f"{name} {' '.join(extra)}: peak {max(row['memory_mb'] for row in steps):,.0f} MB, "
+          f"median step {sorted(row['step_time'] for row in steps)[2]:.3f} s on {torch.cuda.get_device_name(0)}")
+
+
+@needs_gpu
+def test_gpu_colour_augmentation_and_ghost_batchnorm_equal_the_cpu():
+    """common.photometric and ghost BatchNorm (forward, running statistics, gradients) on CUDA equal the CPU's in
+    fp32 to 1e-5, also with NHWC input. TF32 is turned off for the comparison: cuDNN may use it for the blur's
+    convolution by default (torch.backends.cudnn.allow_tf32), which is a 1e-3 difference, not a bug."""
+    generator = torch.Generator().manual_seed(0)
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        colour = common.draw_colour(32, generator)
+        for shape in ((32, 3, 56, 48), (32, 2, 3, 32, 32)):
+            x = torch.randint(0, 256, shape, dtype=torch.uint8, generator=generator)
+            cpu = common.photometric(x, colour)
+            cuda = common.photometric(x.cuda(), colour.cuda())
+            assert cuda.dtype == torch.float32 and (cuda.cpu() - cpu).abs().max() <= 1e-5
+            if x.dim() == 4:
+                nhwc = common.photometric(x.cuda().to(memory_format=torch.channels_last), colour.cuda())
+                assert (nhwc.cpu() - cpu).abs().max() <= 1e-5
+        for shape in ((16, 8, 5, 5), (16, 8)):  # BatchNorm2d, BatchNorm1d: 4 ghost groups of 4 samples
+            x = torch.randn(shape, generator=generator) * torch.linspace(0.5, 3, 16).view(-1, *[1] * (len(shape) - 1))
+            results = []
+            for device, memory_format in (("cpu", torch.contiguous_format), ("cuda", torch.contiguous_format),
+                                          ("cuda", torch.channels_last)):
+                if memory_format == torch.channels_last and x.dim() != 4:
+                    continue
+                bn = nn.BatchNorm2d(8) if x.dim() == 4 else nn.BatchNorm1d(8)
+                ghost = common.convert_to_ghost_batchnorm(nn.Sequential(bn), 16, 4).to(device).train()
+                ghost[0].weight.data.copy_(torch.linspace(0.5, 2, 8))
+                inputs = x.to(device, memory_format=memory_format).requires_grad_(True)
+                out = ghost(inputs)
+                (out * torch.arange(out.numel(), device=device).view_as(out).sin()).sum().backward()
+                results.append([t.detach().cpu() for t in (out, ghost[0].running_mean, ghost[0].running_var,
+                                                           inputs.grad, ghost[0].weight.grad, ghost[0].bias.grad)])
+            for other in results[1:]:
+                for a, b in zip(results[0], other):
+                    torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+def _detect_command(nproc, model, out):
+    """detect_finetune.py under torchrun: R50, 20 iterations of 4 images per GPU, bf16, NHWC, PreciseBN 5."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "detect_finetune.py", "--dataset", "synthetic", "--model", model, "--arch", "resnet50", "--iters", "20",
+            "--batch-size", str(4 * nproc), "--train-images", "160", "--test-images", "16", "--precise-bn-iters", "5",
+            "--workers", "4", "--print-freq", "5", "--amp", "--channels-last", "--output-dir", str(out)]
+
+
+@needs_gpu
+@pytest.mark.parametrize("model", ["faster-c4", "mask-fpn"])
+def test_gpu_detect_twenty_iterations_under_torchrun(model, tmp_path):
+    """torchrun --nproc_per_node=1: 20 iterations of R50 Faster R-CNN C4 / Mask R-CNN FPN in bf16 and NHWC,
+    PreciseBN, inference and evaluation; metrics.json written. (At world size 1 there is no process group: NCCL
+    and SyncBatchNorm need two GPUs, test_gpu_two_processes_equal_one_with_bn_batch.)"""
+    result = subprocess.run(_detect_command(1, model, tmp_path), cwd=HERE, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [row for row in read_log(tmp_path / "log.jsonl") if "iteration" in row]
+    assert rows[-1]["iteration"] == 19 and all(math.isfinite(row["loss"]) for row in rows)
+    metrics = json.load(open(tmp_path / "metrics.json"))
+    assert metrics["protocol"]["device"] == "cuda:0" and metrics["protocol"]["amp"] and metrics["test_images"] == 16
+    assert "precise BN: statistics of" in result.stdout and ("segm" in metrics) == model.startswith("mask")
+
+
+def _ghost_bn_steps_on(device, method, model_class, extra, bn_batch=4, steps=2, B=8, size=32):
+    """test_all._ghost_bn_steps on `device`: `steps` SGD steps of `method` (fp64) on fixed random batches and key
+    permutations, in one process with --bn-batch B/2 or in two (rank r takes rows r, r + 2, ...; the key
+    permutation arranged so that ghost group g holds rank g's keys). Returns the loss and gradients per step
+    and every BN running statistic, averaged over ranks, on the CPU."""
+    module = __import__(method)
+    world, rank = common.world_size(), (torch.distributed.get_rank() if common.world_size() > 1 else 0)
+    torch.manual_seed(0)
+    args = module.get_args(["--tiny", "--image-size", str(size), "--batch-size", str(B), "--bn-batch", str(bn_batch),
+                            "--queue-size", str(2 * B)] + extra)
+    model = getattr(module, model_class)(args).double().train().to(device)
+    for queue in (m for m in model.modules() if isinstance(m, common.MomentumQueue)):
+        queue.float()  # the queues hold fp32 keys (MomentumQueue.enqueue)
+    optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=0.1, momentum=0.9)
+    generator = torch.Generator().manual_seed(1)
+    L = B // 2
+    to_full = lambda x: (x % L) * 2 + x // L  # row of the two-process gathered batch -> row of the full batch
+    average = lambda t: (torch.distributed.all_reduce(t), t / world)[1] if world > 1 else t
+    broadcast_permutation, info_nce, records = common._broadcast_permutation, module.info_nce, []
+
+    def info_nce_fp64(q, k, queue, tau):  # the trainers' info_nce without its cast to fp32
+        l_pos, l_neg = (q * k).sum(dim=1, keepdim=True), q @ queue.t().to(q.dtype)
+        logits = torch.cat([l_pos, l_neg], dim=1) / tau
+        return (F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device)),
+                (l_pos[:, 0] > l_neg.max(dim=1).values).double().mean())
+
+    module.info_nce = info_nce_fp64
+    try:
+        for _ in range(steps):
+            image = lambda *shape: torch.randn(B, *shape, generator=generator, dtype=torch.float64)
+            if method == "dilo":
+                batch = (image(3, size, size), image(3, size, size), torch.zeros(B, 2, dtype=torch.bool),
+                         torch.ones(B, dtype=torch.bool))
+            elif method == "detco":
+                p = detco.local_sizes(size)[2]
+                batch = (image(3, size, size), image(3, size, size), image(9, 3, p, p), image(9, 3, p, p))
+            else:
+                corner = torch.rand(B, 3, 2, generator=generator, dtype=torch.float64) * size / 2
+                boxes = torch.cat([corner, corner + size / 4 + torch.rand(B, 3, 2, generator=generator,
+                                                                          dtype=torch.float64) * size / 4], 2)
+                batch = (image(3, size, size), image(3, size, size), boxes[:, 0], boxes[:, 1], boxes[:, 2])
+            P = torch.randperm(B, generator=generator)
+            perm = (P if world == 2 else to_full(P).view(2, L).t().flatten()).to(device)
+            common._broadcast_permutation = lambda n, device: perm
+            loss, _ = model(*[t[rank::world].to(device) for t in batch])
+            optimizer.zero_grad()
+            loss.backward()
+            parameters = list(model.encoder_q.parameters())
+            grads = average(torch.cat([p.grad.flatten() for p in parameters]))
+            for p, grad in zip(parameters, grads.split([p.numel() for p in parameters])):
+                p.grad = grad.view_as(p)
+            optimizer.step()
+            records.append((average(loss.detach()).cpu(), grads.cpu()))
+    finally:
+        common._broadcast_permutation, module.info_nce = broadcast_permutation, info_nce
+    statistics = {name: average(b.detach().clone()).cpu() for name, b in model.named_buffers() if "running" in name}
+    return {"loss": torch.stack([r[0] for r in records]), "grads": torch.stack([r[1] for r in records]),
+            "statistics": statistics}
+
+
+GHOST_RANKS_CUDA = """
+import os, sys, torch, torch.distributed as dist
+sys.path.insert(0, {here!r})
+rank = int(os.environ["RANK"])
+torch.cuda.set_device(rank)  # before NCCL starts: one GPU per process
+dist.init_process_group("nccl")
+import {module} as tests
+results = {{method: tests._ghost_bn_steps_on(torch.device("cuda", rank), method, model_class, extra)
+           for method, model_class, extra in tests.GHOST_METHODS}}
+if rank == 0:
+    torch.save(results, {out!r})
+dist.destroy_process_group()
+"""
+
+
+@needs_two_gpus
+def test_gpu_two_processes_equal_one_with_bn_batch(tmp_path):
+    """Two NCCL processes on two GPUs (local batch 4, per-GPU BN) against one GPU with --bn-batch 4 (ghost BN):
+    the same loss, gradients and running statistics for 2 SGD steps of DiLo, DetCo and InsLoc-FPN (fp64, given the
+    same samples and keys). Then detect_finetune.py under torchrun --nproc_per_node=2: NCCL, SyncBatchNorm and
+    PreciseBN over both GPUs, metrics written."""
+    script = tmp_path / "ranks.py"
+    script.write_text(GHOST_RANKS_CUDA.format(here=HERE, module=__name__, out=str(tmp_path / "two.pth")))
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29641", str(script)]
+    result = subprocess.run(command, cwd=HERE, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    two = torch.load(tmp_path / "two.pth", weights_only=True)
+    for method, model_class, extra in GHOST_METHODS:
+        one = _ghost_bn_steps_on(torch.device("cuda", 0), method, model_class, extra)
+        assert (one["loss"] - two[method]["loss"]).abs().max() < 1e-6, method
+        assert (one["grads"] - two[method]["grads"]).abs().max() < 1e-6 * two[method]["grads"].abs().max(), method
+        for name, value in one["statistics"].items():
+            assert (value - two[method]["statistics"][name]).abs().max() < 1e-6, (method, name)
+    result = subprocess.run(_detect_command(2, "mask-fpn", tmp_path / "detect"), cwd=HERE, capture_output=True,
+                            text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.load(open(tmp_path / "detect" / "metrics.json"))
+    assert metrics["protocol"]["world_size"] == 2 and metrics["test_images"] == 16

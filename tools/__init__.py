@@ -4,6 +4,7 @@
     python -m tools.readout   A/backbone.pth B/backbone.pth   # InsLoc Table 3a readouts, view retrieval
     python -m tools.diagnose  A/backbone.pth                  # DiLo Fig. 2/5: neighbours, input gradients
     python -m tools.toy_world OUT N                           # the toy world as files + COCO json
+    python -m tools.benchmark [--tiny]                        # every trainer's step time and memory vs MoCo v2
 
 They may import the trainers (a method's view geometry); the trainers import nothing from here.
 """
