@@ -2160,21 +2160,23 @@ def _info_nce_fp64(q, k, queue, tau):
     """The trainers' info_nce without its cast to fp32 (it computes in fp32 even for fp64 inputs)."""
     l_pos, l_neg = (q * k).sum(dim=1, keepdim=True), q @ queue.t().to(q.dtype)
     logits = torch.cat([l_pos, l_neg], dim=1) / tau
-    return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long)), (l_pos[:, 0] > l_neg.max(dim=1).values).double().mean()
+    target = torch.zeros(len(q), dtype=torch.long, device=q.device)
+    return F.cross_entropy(logits, target), (l_pos[:, 0] > l_neg.max(dim=1).values).double().mean()
 
 
-def _ghost_bn_steps(method, model_class, extra, bn_batch=4, steps=2, B=8, size=32):
+def _ghost_bn_steps(method, model_class, extra, bn_batch=4, steps=2, B=8, size=32, device=torch.device("cpu")):
     """`steps` SGD steps of `method` (fp64) on fixed random batches of B samples and fixed key
     permutations. World size 2: rank r takes rows r, r + 2, ... (as DistributedSampler would) and
     BN sees its B/2 rows; world size 1 with --bn-batch B/2: ghost BN groups rows g, g + 2, ... and
     the key permutation is arranged so that group g holds exactly rank g's keys. Returns, averaged
-    over ranks: the loss and the query encoder's gradients per step, and every BN running statistic."""
+    over ranks, on the CPU: the loss and the query encoder's gradients per step, and every BN running statistic
+    (the model runs on `device`: the GPU tests compare it there with the CPU)."""
     module = __import__(method)
     world, rank = common.world_size(), (torch.distributed.get_rank() if common.world_size() > 1 else 0)
     torch.manual_seed(0)
     args = module.get_args(["--tiny", "--image-size", str(size), "--batch-size", str(B), "--bn-batch", str(bn_batch),
                             "--queue-size", str(2 * B)] + extra)
-    model = getattr(module, model_class)(args).double().train()
+    model = getattr(module, model_class)(args).double().train().to(device)
     for queue in (m for m in model.modules() if isinstance(m, common.MomentumQueue)):
         queue.float()  # the queues hold fp32 keys (MomentumQueue.enqueue)
     optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=0.1, momentum=0.9)
@@ -2199,9 +2201,9 @@ def _ghost_bn_steps(method, model_class, extra, bn_batch=4, steps=2, B=8, size=3
                                                                           dtype=torch.float64) * size / 4], 2)
                 batch = (image(3, size, size), image(3, size, size), boxes[:, 0], boxes[:, 1], boxes[:, 2])
             P = torch.randperm(B, generator=generator)  # the two-process run's key permutation
-            perm = P if world == 2 else to_full(P).view(2, L).t().flatten()
+            perm = (P if world == 2 else to_full(P).view(2, L).t().flatten()).to(device)
             common._broadcast_permutation = lambda n, device: perm
-            loss, _ = model(*[t[rank::world] for t in batch])
+            loss, _ = model(*[t[rank::world].to(device) for t in batch])
             optimizer.zero_grad()
             loss.backward()
             parameters = list(model.encoder_q.parameters())
@@ -2209,10 +2211,10 @@ def _ghost_bn_steps(method, model_class, extra, bn_batch=4, steps=2, B=8, size=3
             for p, grad in zip(parameters, grads.split([p.numel() for p in parameters])):
                 p.grad = grad.view_as(p)
             optimizer.step()
-            records.append((average(loss.detach()), grads))
+            records.append((average(loss.detach()).cpu(), grads.cpu()))
     finally:
         common._broadcast_permutation, module.info_nce = broadcast_permutation, info_nce
-    statistics = {name: average(b.detach().clone()) for name, b in model.named_buffers() if "running" in name}
+    statistics = {name: average(b.detach().clone()).cpu() for name, b in model.named_buffers() if "running" in name}
     return {"loss": torch.stack([r[0] for r in records]), "grads": torch.stack([r[1] for r in records]),
             "statistics": statistics}
 
@@ -3526,66 +3528,6 @@ def test_gpu_detect_twenty_iterations_under_torchrun(model, tmp_path):
     assert "precise BN: statistics of" in result.stdout and ("segm" in metrics) == model.startswith("mask")
 
 
-def _ghost_bn_steps_on(device, method, model_class, extra, bn_batch=4, steps=2, B=8, size=32):
-    """test_all._ghost_bn_steps on `device`: `steps` SGD steps of `method` (fp64) on fixed random batches and key
-    permutations, in one process with --bn-batch B/2 or in two (rank r takes rows r, r + 2, ...; the key
-    permutation arranged so that ghost group g holds rank g's keys). Returns the loss and gradients per step
-    and every BN running statistic, averaged over ranks, on the CPU."""
-    module = __import__(method)
-    world, rank = common.world_size(), (torch.distributed.get_rank() if common.world_size() > 1 else 0)
-    torch.manual_seed(0)
-    args = module.get_args(["--tiny", "--image-size", str(size), "--batch-size", str(B), "--bn-batch", str(bn_batch),
-                            "--queue-size", str(2 * B)] + extra)
-    model = getattr(module, model_class)(args).double().train().to(device)
-    for queue in (m for m in model.modules() if isinstance(m, common.MomentumQueue)):
-        queue.float()  # the queues hold fp32 keys (MomentumQueue.enqueue)
-    optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=0.1, momentum=0.9)
-    generator = torch.Generator().manual_seed(1)
-    L = B // 2
-    to_full = lambda x: (x % L) * 2 + x // L  # row of the two-process gathered batch -> row of the full batch
-    average = lambda t: (torch.distributed.all_reduce(t), t / world)[1] if world > 1 else t
-    broadcast_permutation, info_nce, records = common._broadcast_permutation, module.info_nce, []
-
-    def info_nce_fp64(q, k, queue, tau):  # the trainers' info_nce without its cast to fp32
-        l_pos, l_neg = (q * k).sum(dim=1, keepdim=True), q @ queue.t().to(q.dtype)
-        logits = torch.cat([l_pos, l_neg], dim=1) / tau
-        return (F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device)),
-                (l_pos[:, 0] > l_neg.max(dim=1).values).double().mean())
-
-    module.info_nce = info_nce_fp64
-    try:
-        for _ in range(steps):
-            image = lambda *shape: torch.randn(B, *shape, generator=generator, dtype=torch.float64)
-            if method == "dilo":
-                batch = (image(3, size, size), image(3, size, size), torch.zeros(B, 2, dtype=torch.bool),
-                         torch.ones(B, dtype=torch.bool))
-            elif method == "detco":
-                p = detco.local_sizes(size)[2]
-                batch = (image(3, size, size), image(3, size, size), image(9, 3, p, p), image(9, 3, p, p))
-            else:
-                corner = torch.rand(B, 3, 2, generator=generator, dtype=torch.float64) * size / 2
-                boxes = torch.cat([corner, corner + size / 4 + torch.rand(B, 3, 2, generator=generator,
-                                                                          dtype=torch.float64) * size / 4], 2)
-                batch = (image(3, size, size), image(3, size, size), boxes[:, 0], boxes[:, 1], boxes[:, 2])
-            P = torch.randperm(B, generator=generator)
-            perm = (P if world == 2 else to_full(P).view(2, L).t().flatten()).to(device)
-            common._broadcast_permutation = lambda n, device: perm
-            loss, _ = model(*[t[rank::world].to(device) for t in batch])
-            optimizer.zero_grad()
-            loss.backward()
-            parameters = list(model.encoder_q.parameters())
-            grads = average(torch.cat([p.grad.flatten() for p in parameters]))
-            for p, grad in zip(parameters, grads.split([p.numel() for p in parameters])):
-                p.grad = grad.view_as(p)
-            optimizer.step()
-            records.append((average(loss.detach()).cpu(), grads.cpu()))
-    finally:
-        common._broadcast_permutation, module.info_nce = broadcast_permutation, info_nce
-    statistics = {name: average(b.detach().clone()).cpu() for name, b in model.named_buffers() if "running" in name}
-    return {"loss": torch.stack([r[0] for r in records]), "grads": torch.stack([r[1] for r in records]),
-            "statistics": statistics}
-
-
 GHOST_RANKS_CUDA = """
 import os, sys, torch, torch.distributed as dist
 sys.path.insert(0, {here!r})
@@ -3593,7 +3535,7 @@ rank = int(os.environ["RANK"])
 torch.cuda.set_device(rank)  # before NCCL starts: one GPU per process
 dist.init_process_group("nccl")
 import {module} as tests
-results = {{method: tests._ghost_bn_steps_on(torch.device("cuda", rank), method, model_class, extra)
+results = {{method: tests._ghost_bn_steps(method, model_class, extra, device=torch.device("cuda", rank))
            for method, model_class, extra in tests.GHOST_METHODS}}
 if rank == 0:
     torch.save(results, {out!r})
@@ -3614,7 +3556,7 @@ def test_gpu_two_processes_equal_one_with_bn_batch(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     two = torch.load(tmp_path / "two.pth", weights_only=True)
     for method, model_class, extra in GHOST_METHODS:
-        one = _ghost_bn_steps_on(torch.device("cuda", 0), method, model_class, extra)
+        one = _ghost_bn_steps(method, model_class, extra, device=torch.device("cuda", 0))
         assert (one["loss"] - two[method]["loss"]).abs().max() < 1e-6, method
         assert (one["grads"] - two[method]["grads"]).abs().max() < 1e-6 * two[method]["grads"].abs().max(), method
         for name, value in one["statistics"].items():
