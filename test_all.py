@@ -11,6 +11,7 @@ import io
 import json
 import os
 import pickle
+import re
 import subprocess
 import sys
 import time
@@ -3895,7 +3896,8 @@ backbone = common.ResNetTrunk("resnet18")
 args = types.SimpleNamespace(knn_every=1, knn_data="synthetic", knn_images=[41, 19], data="synthetic", image_size=32,
                              epochs=1, batch_size=8, workers=0, device=torch.device("cpu"), amp=False,
                              channels_last=False, is_main=dist.get_rank() == 0, world_size=dist.get_world_size())
-print("rank", dist.get_rank(), "top1", common.knn_monitor(backbone, 0, args)["knn_top1"], flush=True)
+top1 = common.knn_monitor(backbone, 0, args)["knn_top1"]
+print(f"rank {{dist.get_rank()}} top1 {{top1}}", flush=True)  # one write (the suite runs unbuffered)
 dist.destroy_process_group()
 """
 
@@ -3912,6 +3914,6 @@ def test_knn_monitor_split_over_two_ranks_gives_the_one_process_result(tmp_path)
     result = subprocess.run(command, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
-    tops = [float(line.split()[-1]) for line in result.stdout.splitlines() if line.startswith("rank")]
+    tops = [float(top) for top in re.findall(r"rank \d top1 ([0-9.]+)", result.stdout)]  # the ranks' lines may interleave
     assert len(tops) == 2 and tops[0] == tops[1] == pytest.approx(one)
     assert "world size 2" in result.stdout
