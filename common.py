@@ -10,9 +10,11 @@
   files skipped under a limit), `ToyWorld` (the built-in synthetic dataset); `bench_loader`.
 - Run safety: `read_torch_file` (the one reader of torch files: `read_checkpoint`, `read_weights`),
   `agreed_checkpoint`, `resume_epoch`, interrupts, `check_args`, `plot_log` (loss.png).
+- Run health (docs/logs.md): `collapse_signals` and `collapse_warning`, the k-NN monitor `knn_monitor`.
 No paper's choice is made here: a method passes its choices in (e.g. how many images share one
 colour draw); changing this file changes all four trainers alike.
 """
+import functools
 import hashlib
 import json
 import math
@@ -495,7 +497,7 @@ def bench_loader(dataset, n):
 # process count (the batch is global), values derived at start, how a loss is evaluated when its value is
 # the same (dupr.py --patch-chunk); --epochs may grow (resume_epoch).
 NOT_RECIPE = ("workers", "print_freq", "output_dir", "resume", "preview", "amp", "world_size", "rank", "is_main",
-              "lr_actual", "epochs", "patch_chunk", "channels_last")
+              "lr_actual", "epochs", "patch_chunk", "channels_last", "knn_every", "knn_data", "knn_images")
 
 
 def checkpoint_path(args):
@@ -663,6 +665,157 @@ def stop_interrupted(epoch, args):
         else f"no checkpoint in {args.output_dir} yet; {rerun} to start again"))
 
 
+# --- Run health: collapse signals and their warning, the k-NN monitor (docs/logs.md) ---
+
+# NOTE: thresholds from the first 60 steps of --tiny runs (docs/logs.md): the collapsed InsLoc-FPN (--head-lr-scale 1)
+# is below 0.003 from step 12 and at 0.0016-0.002 from step 20; the lowest embedding of the other runs stays above
+# 0.0058 (DetCo's local res4/res5, whose terms sit at chance at --tiny). A step counts when any embedding is below.
+COLLAPSED_STD, COLLAPSED_STEPS = 0.003, 20
+
+
+@torch.no_grad()
+def collapse_signals(embeddings):
+    """{name: z} of L2-normalised query embeddings, z (N, D), or (N, P, D) for P per image (DUPR's patches) ->
+    {std_<name>: std over the batch's N * P rows, per dimension, averaged over the D dimensions (1/sqrt(D) for
+    spread-out rows, 0.088 at D = 128; 0 when collapsed), cos_<name>: mean cosine between rows of different images
+    (near 0 when spread out, 1 when collapsed)}, on this process's batch; nothing for fewer than 2 images."""
+    signals = {}
+    for name, z in embeddings.items():
+        z = z.detach().float()
+        z = z[:, None] if z.dim() == 2 else z  # (N, P, D)
+        N, P = z.shape[:2]
+        if N < 2:  # no two images (DUPR: fewer than two overlapping pairs): no signal this step
+            continue
+        per_image = z.sum(1)  # (N, D)
+        # sum of z_a . z_b over rows of different images = |sum of all rows|^2 - sum over images |image's sum|^2
+        between = per_image.sum(0).square().sum() - per_image.square().sum()
+        signals[f"std_{name}"] = z.flatten(0, 1).std(dim=0).mean()
+        signals[f"cos_{name}"] = between / (N * (N - 1) * P * P)
+    return signals
+
+
+def collapse_warning(terms, args):
+    """The warning line, once per start of the command (None otherwise), when an embedding's std_ signal has stayed
+    below COLLAPSED_STD for COLLAPSED_STEPS training steps in a row (steps, not log rows: --print-freq does not move
+    it). The run goes on. The count is kept in args.collapse (a dict: never saved in checkpoints or logs)."""
+    low = {name: value for name, value in terms.items() if name.startswith("std_") and value < COLLAPSED_STD}
+    state = vars(args).setdefault("collapse", {"steps": 0, "warned": False})
+    state["steps"] = state["steps"] + 1 if low else 0
+    if state["warned"] or state["steps"] < COLLAPSED_STEPS:
+        return None
+    state["warned"] = True
+    line = (f"warning: the query embeddings look collapsed: {', '.join(f'{n} {v:.4f}' for n, v in low.items())} "
+            f"(std over the batch; below {COLLAPSED_STD} for {COLLAPSED_STEPS} steps in a row; spread-out: 0.088). "
+            "Training goes on; docs/logs.md (collapse) says what usually helps")
+    if getattr(args, "is_main", True):
+        print(line, file=sys.stderr, flush=True)
+    return line
+
+
+def add_knn_arguments(parser):
+    """The k-NN monitor's flags, the same in the four trainers; not part of the recipe (NOT_RECIPE)."""
+    parser.add_argument("--knn-every", type=int, default=0, metavar="E",
+                        help="every E epochs (and after the last), the weighted k-NN top-1 (k 20, T 0.07) of the "
+                             "query backbone's pooled features; 0 = off. Labels are used here only")
+    parser.add_argument("--knn-data", default=None, metavar="DIR",
+                        help="labelled images for it: a folder with train/ and val/ class folders (ImageNet), or "
+                             "'synthetic' (toy world, label: largest object); None: --data")
+    parser.add_argument("--knn-images", type=int, nargs=2, default=[10000, 5000], metavar=("TRAIN", "VAL"),
+                        help="images in its fixed subsets (seed 0): TRAIN to vote, VAL to score")
+
+
+class LabelledImages(torch.utils.data.Dataset):
+    """The k-NN monitor's images: (3, size, size) uint8 centre crop (shorter side resized to size * 8/7, as ImageNet
+    evaluation), label. A folder: the class folder an image is in (0, 1, ... in `classes`, sorted names; a class
+    missing from `classes` gets len(classes): never predicted). The toy world: the largest object's category (1..8;
+    0 without objects)."""
+
+    def __init__(self, source, indices, size, classes=None):
+        self.source, self.indices, self.classes = source, indices, classes
+        self.view = torchvision.transforms.Compose([torchvision.transforms.Resize(round(size * 8 / 7)),
+                                                    torchvision.transforms.CenterCrop(size)])
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        image, target = self.source[self.indices[i]]
+        if "path" in target:
+            name = target["path"].split(os.sep)[0]
+            label = self.classes.index(name) if name in self.classes else len(self.classes)
+        else:
+            label = int(target["labels"][target["masks"].sum((1, 2)).argmax()]) if len(target["labels"]) else 0
+        return torchvision.transforms.functional.pil_to_tensor(self.view(image)), label
+
+
+@functools.lru_cache(maxsize=1)
+def knn_sets(data, train_images, val_images, size):
+    """The fixed subsets (seed 0, whatever --seed) of --knn-data's train and val images, listed once per process."""
+    if data == "synthetic":
+        return [LabelledImages(ToyWorld(n, size * 8 // 7, split), range(n), size)
+                for n, split in ((train_images, "train"), (val_images, "val"))]
+    sets, classes = [], None
+    for n, split in ((train_images, "train"), (val_images, "val")):
+        source = ImageFolderSource(os.path.join(data, split), min_side=size)
+        if not all(os.sep in path for path in source.paths):
+            raise SystemExit(f"error: --knn-data {data}: {split}/ has images outside class folders; labels are "
+                             f"the folder names ({split}/CLASS/IMAGE, ImageNet's layout)")
+        classes = classes or sorted({path.split(os.sep)[0] for path in source.paths})
+        order = torch.randperm(len(source), generator=torch.Generator().manual_seed(0))[:n].tolist()
+        sets.append(LabelledImages(source, order, size, classes))
+    return sets
+
+
+@torch.no_grad()
+def pooled_features(backbone, dataset, args):
+    """(n, C) L2-normalised average-pooled res5 features of every image of `dataset` and (n,) labels, rows in
+    rank order. Each rank extracts every world-th image; eval mode: BN uses (and keeps) its running statistics."""
+    world, rank = world_size(), dist.get_rank() if world_size() > 1 else 0
+    part = torch.utils.data.Subset(dataset, range(rank, len(dataset), world))
+    loader = torch.utils.data.DataLoader(part, batch_size=max(1, args.batch_size // world), num_workers=args.workers,
+                                         generator=torch.Generator())  # no draw from the training's random stream
+    features, labels, training = [], [], backbone.training
+    backbone.eval()
+    mean, std = torch.tensor(IMAGENET_MEAN, device=args.device), torch.tensor(IMAGENET_STD, device=args.device)
+    for images, label in loader:
+        x = (images.to(args.device).float() / 255 - mean[:, None, None]) / std[:, None, None]
+        x = x.to(memory_format=torch.channels_last) if args.channels_last else x
+        with torch.autocast(args.device.type, dtype=torch.bfloat16, enabled=args.amp):
+            c5 = backbone(x)[-1]  # (b, C, h, w)
+        features.append(F.normalize(c5.float().mean(dim=(2, 3)), dim=1))
+        labels.append(label.to(args.device))
+    backbone.train(training)
+    return concat_all_gather(torch.cat(features)), concat_all_gather(torch.cat(labels))
+
+
+def knn_top1(train_features, train_labels, val_features, val_labels, k=20, T=0.07):
+    """Weighted k-NN (Wu et al. 2018, sec. 3.4): each val image's k most cosine-similar train images vote for their
+    label with weight exp(similarity / T); top-1 = share of val images whose heaviest label is theirs."""
+    classes, correct = int(max(train_labels.max(), val_labels.max())) + 1, 0
+    for start in range(0, len(val_features), 1024):  # (1024, n_train) similarities at a time
+        similarity, nearest = (val_features[start:start + 1024] @ train_features.t()).topk(
+            min(k, len(train_features)), dim=1)  # (b, k)
+        votes = torch.zeros(len(nearest), classes, device=nearest.device)
+        votes.scatter_add_(1, train_labels[nearest], (similarity / T).exp())
+        correct += int((votes.argmax(1) == val_labels[start:start + 1024]).sum())
+    return correct / len(val_features)
+
+
+def knn_monitor(backbone, epoch, args):
+    """--knn-every E: after every E-th epoch and the last, on every rank: {"knn_top1", "knn_s"} (seconds it took),
+    printed on the main process; else {}. Touches neither the weights nor any random stream the training uses."""
+    if not args.knn_every or (epoch + 1) % args.knn_every and epoch + 1 < args.epochs:
+        return {}
+    start = time.time()
+    train, val = knn_sets(args.knn_data or args.data, *args.knn_images, args.image_size)
+    top1 = knn_top1(*pooled_features(backbone, train, args), *pooled_features(backbone, val, args))
+    seconds = time.time() - start
+    if args.is_main:
+        print(f"k-NN top-1 {top1:.3f} (k 20, T 0.07; {len(train)} train, {len(val)} val images of "
+              f"{args.knn_data or args.data}; world size {args.world_size}; {seconds:.1f} s)", flush=True)
+    return {"knn_top1": top1, "knn_s": seconds}
+
+
 # --- Plumbing of every trainer: flag checks, loss.png ---
 
 
@@ -692,14 +845,23 @@ def check_args(parser, args):
              f"the per-process batch {local} (--batch-size {args.batch_size} over {world} processes)"),
             # MomentumQueue wraps around, so any K works, but one below a step's keys is no dictionary.
             (args.queue_size < args.batch_size, f"--queue-size {args.queue_size}: K must be >= the global batch"),
-            (args.image_size < 32, f"--image-size {args.image_size}: must be >= 32, one cell of the stride-32 map")):
+            (args.image_size < 32, f"--image-size {args.image_size}: must be >= 32, one cell of the stride-32 map"),
+            (args.knn_every < 0 or min(args.knn_images) < world,
+             f"--knn-every {args.knn_every} --knn-images {' '.join(map(str, args.knn_images))}: must be >= 0, and "
+             f">= {world} (an image per process)")):
         if wrong:
             parser.error(message)
+    knn_data = args.knn_data or args.data
+    folders = [os.path.join(knn_data, split) for split in ("train", "val")]
+    if args.knn_every and knn_data != "synthetic" and not all(
+            os.path.isdir(folder) and any(entry.is_dir() for entry in os.scandir(folder)) for folder in folders):
+        parser.error(f"--knn-data {knn_data}: needs train/ and val/ class folders (ImageNet's layout)")
 
 
 PALETTE = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#9a6324", "#000075",
            "#808000", "#469990", "#800000", "#000000")  # distinct on white, in this order
 FRACTIONS = ("pasted", "no_mask", "no_overlap", "box_iou")  # data statistics the trainers log: 0..1, not losses
+SIGNALS = ("std_", "cos_")  # collapse_signals: 0..1, a panel of their own; std drawn x 10 (0.088 -> 0.88)
 
 
 def font(size=13):
@@ -710,28 +872,37 @@ def font(size=13):
         return ImageFont.load_default()
 
 
-def plot_log(log_path, png_path, width=960, height=660):
-    """loss.png from log.jsonl's progress rows against the step (epoch * steps + iteration + 1): loss terms
-    (top), accuracies and data fractions (bottom, 0..1). The first K / batch steps score against the queue's
-    random initial keys (accuracy near 1, a low loss): shaded and, where later steps exist, not drawn."""
+def plot_log(log_path, png_path, width=960, panel_height=330):
+    """loss.png from log.jsonl's progress rows against the step (epoch * steps + iteration + 1): loss terms (top);
+    accuracies, data fractions and the k-NN top-1 of epoch ends (0..1); the collapse signals, if logged (0..1, std
+    x 10). The first K / batch steps score against the queue's random initial keys (accuracy near 1, a low loss):
+    shaded and, where later steps exist, not drawn."""
     with open(log_path) as f:
         rows = list(map(json.loads, f))
     start = next((row["args"] for row in rows if row.get("event") == "start"), {})
+    knn = [row for row in rows if "knn_top1" in row]  # epoch ends
     rows = [row for row in rows if "iteration" in row]
     filling = start.get("queue_size", 0) / max(start.get("batch_size", 1), 1)  # steps until the queue holds real keys
     not_terms = ("epoch", "iteration", "steps", "lr", "img_per_s", "data_time", "step_time", "memory_mb", "eta_s",
                  "elapsed_s")
     names = [name for name, value in (rows or [{}])[0].items() if isinstance(value, float) and name not in not_terms]
     steps = [row["epoch"] * row["steps"] + row["iteration"] + 1 for row in rows] or [0]
+    series = dict(zip(names, [list(zip(steps, rows))] * len(names)))  # name -> [(step, row)]
+    series.update({"knn_top1": [((row["epoch"] + 1) * rows[0]["steps"], row) for row in knn]} if knn and rows else {})
+    panels = [("loss terms", [n for n in names if not n.startswith(("acc",) + SIGNALS) and n not in FRACTIONS]),
+              ("accuracy, data fractions and k-NN top-1 (0 to 1)",
+               [n for n in series if n.startswith(("acc", "knn")) or n in FRACTIONS]),
+              ("collapse signals: cos_ and std_ x 10 (0 to 1; collapsed: cos 1, std 0)",
+               [n for n in names if n.startswith(SIGNALS)])]
+    panels = [panel for p, panel in enumerate(panels) if p < 2 or panel[1]]
+    height, scale = panel_height * len(panels), lambda name: 10.0 if name.startswith("std_") else 1.0
     image, (left, right), text = Image.new("RGB", (width, height), "white"), (80, width - 180), font()
     draw = ImageDraw.Draw(image)
     x_of = lambda step: left + (right - left) * (step - steps[0]) / max(steps[-1] - steps[0], 1)
-    panels = ([n for n in names if not n.startswith("acc") and n not in FRACTIONS],
-              [n for n in names if n.startswith("acc") or n in FRACTIONS])
-    for p, series in enumerate(panels):
-        top, bottom = 30 + p * height // 2, (p + 1) * height // 2 - 40
+    for p, (title, shown) in enumerate(panels):
+        top, bottom = 30 + p * panel_height, (p + 1) * panel_height - 40
         later = [row for step, row in zip(steps, rows) if step > filling] or rows
-        values = [row[n] for row in later for n in series if math.isfinite(row.get(n, math.nan))]
+        values = [row[n] for row in later for n in shown if math.isfinite(row.get(n, math.nan))]
         lo, hi = (0.0, 1.0) if p or not values else (min(values), max(values) + 1e-6)
         y_of = lambda v: bottom - (bottom - top) * (min(max(v, lo), hi) - lo) / (hi - lo)  # clipped to the panel
         hidden = filling >= steps[0] and steps[-1] > filling  # the filling steps' points are left out
@@ -740,8 +911,7 @@ def plot_log(log_path, png_path, width=960, height=660):
             draw.text((left + 4, top + 4), "queue filling: random keys" + (" (not drawn)" if hidden else ""),
                       fill="gray", font=text)
         draw.rectangle((left, top, right, bottom), outline="black")
-        draw.text((left, top - 20), ("loss terms" if not p else "accuracy and data fractions (0 to 1)")
-                  + " against the training step", fill="black", font=text)
+        draw.text((left, top - 20), title + " against the training step", fill="black", font=text)
         for k in range(5):  # ticks: values on the left
             y = top + (bottom - top) * k / 4
             draw.line((left - 4, y, left, y), fill="black")
@@ -749,12 +919,15 @@ def plot_log(log_path, png_path, width=960, height=660):
         for step in sorted({round(steps[0] + (steps[-1] - steps[0]) * k / 4) for k in range(5)}):  # steps below
             draw.line((x_of(step), bottom, x_of(step), bottom + 4), fill="black")
             draw.text((x_of(step) - 10, bottom + 6), str(step), fill="black", font=text)
-        for i, name in enumerate(series):
-            points = [(x_of(step), y_of(row[name])) for step, row in zip(steps, rows)
+        keys = list(dict.fromkeys(name.removeprefix("std_").removeprefix("cos_") for name in shown))
+        for i, name in enumerate(shown):
+            points = [(x_of(step), y_of(scale(name) * row[name])) for step, row in series[name]
                       if math.isfinite(row.get(name, math.nan)) and not (hidden and step <= filling)]
-            colour = PALETTE[i % len(PALETTE)]
-            if points:  # a lone point draws a dot
-                draw.ellipse((points[-1][0] - 2, points[-1][1] - 2, points[-1][0] + 2, points[-1][1] + 2), fill=colour)
-                draw.line(points + points[-1:], fill=colour, width=2)
-            draw.text((right + 10, top + 16 * i), name, fill=colour, font=text)
+            # an embedding's std_ (thin) and cos_ (thick) share its colour: DetCo's 16 signals need 8
+            colour = PALETTE[keys.index(name.removeprefix("std_").removeprefix("cos_")) % len(PALETTE)]
+            for x, y in points if name == "knn_top1" else points[-1:]:  # a lone point draws a dot
+                draw.ellipse((x - 2, y - 2, x + 2, y + 2), fill=colour)
+            if points:
+                draw.line(points + points[-1:], fill=colour, width=1 if scale(name) > 1 else 2)
+            draw.text((right + 10, top + 16 * i), name + (" x10" if scale(name) > 1 else ""), fill=colour, font=text)
     image.save(png_path)

@@ -46,9 +46,10 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageDraw, ImageFilter
 
 from common import (IMAGENET_MEAN, IMAGENET_STD, ImageFolderSource, MomentumQueue, ResNetTrunk, UnreadableImages,
-                    agreed_checkpoint, batchnorm_groups, bench_loader, check_args, check_unreadable,
-                    convert_to_ghost_batchnorm, draw_colour, ema_update, font, open_source, photometric, plot_log,
-                    raise_interrupt, resume_epoch, shuffled_key_forward, stop_interrupted, to_rgb, world_size)
+                    add_knn_arguments, agreed_checkpoint, batchnorm_groups, bench_loader, check_args, check_unreadable,
+                    collapse_signals, collapse_warning, convert_to_ghost_batchnorm, draw_colour, ema_update, font,
+                    knn_monitor, open_source, photometric, plot_log, raise_interrupt, resume_epoch,
+                    shuffled_key_forward, stop_interrupted, to_rgb, world_size)
 
 # --- Arguments ---
 
@@ -98,6 +99,7 @@ def get_args(argv=None):
     parser.add_argument("--preview", type=int, default=0, help="write output-dir/preview.png with N samples, then exit")
     parser.add_argument("--bench-loader", type=int, default=0, metavar="N",
                         help="time N loader items on one CPU thread, then exit")
+    add_knn_arguments(parser)  # --knn-every, --knn-data, --knn-images: the k-NN monitor (common.py)
     # DiLo ("Copy-and-paste for Background Augmentation", Table 2)
     parser.add_argument("--paste-prob", type=float, default=0.3,
                         help="p, probability of copy-paste per view (0 = MoCo v2)")
@@ -284,8 +286,8 @@ class DiLo(nn.Module):
         k = shuffled_key_forward(self.encoder_k, (im_k,))  # (N, 128)
         loss, acc = info_nce(q, k, self.queue.keys.clone(), self.args.temperature)  # enqueue writes in place
         self.queue.enqueue(k)
-        return loss, {"loss": loss.detach(), "acc": acc,  # and what the data loader did:
-                      "pasted": pasted.float().mean(),
+        return loss, {"loss": loss.detach(), "acc": acc, **collapse_signals({"q": q}),  # std_q, cos_q: docs/logs.md
+                      "pasted": pasted.float().mean(),  # and what the data loader did
                       "no_mask": 1 - has_mask.float().mean() if self.args.paste_prob > 0 else torch.zeros(())}
 
 
@@ -336,6 +338,8 @@ def train_one_epoch(model, loader, optimizer, epoch, args, log):
         loss.backward()
         optimizer.step()
         terms = {name: float(value) for name, value in terms.items()}
+        if warning := collapse_warning(terms, args):  # once, if an embedding's std_ stays near 0 (common.py)
+            log({"epoch": epoch, "event": "warning", "warning": warning})
         for name, value in terms.items():  # a term a step leaves out (DUPR: no overlap) is not averaged
             sums[name] = sums.get(name, 0.0) + value
             counts[name] = counts.get(name, 0) + 1
@@ -648,7 +652,9 @@ def make_logger(args, start_epoch):
         accuracy = [value for name, value in row.items() if name.startswith("acc")]
         epoch = row.get("epoch", args.epochs - 1) + 1  # 1-based
         where = f"{row['time'][5:]} +{hms(row['elapsed_s'])} epoch {epoch}/{args.epochs}"
+        spread = [value for name, value in row.items() if name.startswith("std_")]  # the collapse signal
         scores = f"loss {row.get('loss', math.nan):.4f} acc {sum(accuracy) / max(len(accuracy), 1):.3f}"
+        scores += f" std {min(spread):.3f}" if spread else ""
         if "iteration" in row:
             print(f"{where} [{row['iteration'] + 1}/{row['steps']}] {scores} lr {row['lr']:.5f} {row['img_per_s']:.1f} "
                   f"img/s data {100 * row['data_time'] / row['step_time']:.0f}% mem {row['memory_mb']:.0f} MB "
@@ -748,6 +754,8 @@ def main(args):
             check_unreadable(source, args.device)  # distinct unreadable files of all ranks
             if args.is_main:
                 save_checkpoint(model, optimizer, epoch + 1, args)
+            stats.update(knn_monitor(model.encoder_q.backbone, epoch, args))  # --knn-every: all ranks extract
+            if args.is_main:
                 log({"epoch": epoch, **stats, "checkpoint": os.path.join(args.output_dir, "checkpoint.pth")})
                 plot_log(os.path.join(args.output_dir, "log.jsonl"), os.path.join(args.output_dir, "loss.png"))
     except KeyboardInterrupt:

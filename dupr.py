@@ -44,10 +44,11 @@ import torchvision.transforms as T
 import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageDraw
 
-from common import (IMAGENET_MEAN, IMAGENET_STD, MomentumQueue, ResNetTrunk, UnreadableImages, agreed_checkpoint,
-                    batchnorm_groups, bench_loader, check_args, check_unreadable, convert_to_ghost_batchnorm,
-                    draw_colour, ema_update, font, open_source, photometric, plot_log, raise_interrupt,
-                    resume_epoch, roi_align_boxes, shuffled_key_forward, stop_interrupted, world_size)
+from common import (IMAGENET_MEAN, IMAGENET_STD, MomentumQueue, ResNetTrunk, UnreadableImages, add_knn_arguments,
+                    agreed_checkpoint, batchnorm_groups, bench_loader, check_args, check_unreadable, collapse_signals,
+                    collapse_warning, convert_to_ghost_batchnorm, draw_colour, ema_update, font, knn_monitor,
+                    open_source, photometric, plot_log, raise_interrupt, resume_epoch, roi_align_boxes,
+                    shuffled_key_forward, stop_interrupted, world_size)
 
 # --- Arguments ---
 
@@ -95,6 +96,7 @@ def get_args(argv=None):
     parser.add_argument("--preview", type=int, default=0, help="write output-dir/preview.png with N samples, then exit")
     parser.add_argument("--bench-loader", type=int, default=0, metavar="N",
                         help="time N loader items on one CPU thread, then exit")
+    add_knn_arguments(parser)  # --knn-every, --knn-data, --knn-images: the k-NN monitor (common.py)
     # DUPR (sec. 3.2, eq. 2; Tables VI-VII). Each list has one value per level conv2..conv5.
     parser.add_argument("--alpha", type=float, nargs=4, default=[0.1, 0.4, 0.7, 1.0],
                         help="alpha_m, image-level loss weights (eq. 2); 0 = no head, no queue")
@@ -270,6 +272,8 @@ class DUPR(nn.Module):
             keys = queue.keys if self.args.patch_chunk else queue.keys.clone()  # no queue for its backward
             terms[f"patch_{m}"], terms[f"acc_patch_{m}"] = patch_info_nce(q[i], k[i], valid, keys, tau,
                                                                           self.args.patch_chunk)
+        terms.update(collapse_signals({f"image_{m}": q[i] for i, (m, _) in images}  # std_*, cos_*: docs/logs.md
+                                      | {f"patch_{m}": q[i][valid] for i, (m, _) in patches}))  # (n_valid, S*S, 128)
         alpha, beta = dict(zip(LEVELS, self.args.alpha)), dict(zip(LEVELS, self.args.beta))
         loss = (sum(alpha[m] * terms[f"image_{m}"] for _, (m, _) in images)  # eq. 2
                 + sum(beta[m] * terms[f"patch_{m}"] for _, (m, _) in patches))
@@ -400,6 +404,8 @@ def train_one_epoch(model, loader, optimizer, epoch, args, log):
         loss.backward()
         optimizer.step()
         terms = {name: float(value) for name, value in terms.items()}
+        if warning := collapse_warning(terms, args):  # once, if an embedding's std_ stays near 0 (common.py)
+            log({"epoch": epoch, "event": "warning", "warning": warning})
         for name, value in terms.items():  # a term a step leaves out (DUPR: no overlap) is not averaged
             sums[name] = sums.get(name, 0.0) + value
             counts[name] = counts.get(name, 0) + 1
@@ -517,7 +523,9 @@ def make_logger(args, start_epoch):
         accuracy = [value for name, value in row.items() if name.startswith("acc")]
         epoch = row.get("epoch", args.epochs - 1) + 1  # 1-based
         where = f"{row['time'][5:]} +{hms(row['elapsed_s'])} epoch {epoch}/{args.epochs}"
+        spread = [value for name, value in row.items() if name.startswith("std_")]  # the collapse signal
         scores = f"loss {row.get('loss', math.nan):.4f} acc {sum(accuracy) / max(len(accuracy), 1):.3f}"
+        scores += f" std {min(spread):.3f}" if spread else ""
         if "iteration" in row:
             print(f"{where} [{row['iteration'] + 1}/{row['steps']}] {scores} lr {row['lr']:.5f} {row['img_per_s']:.1f} "
                   f"img/s data {100 * row['data_time'] / row['step_time']:.0f}% mem {row['memory_mb']:.0f} MB "
@@ -614,6 +622,8 @@ def main(args):
             check_unreadable(source, args.device)  # distinct unreadable files of all ranks
             if args.is_main:
                 save_checkpoint(model, optimizer, epoch + 1, args)
+            stats.update(knn_monitor(model.encoder_q.backbone, epoch, args))  # --knn-every: all ranks extract
+            if args.is_main:
                 log({"epoch": epoch, **stats, "checkpoint": os.path.join(args.output_dir, "checkpoint.pth")})
                 plot_log(os.path.join(args.output_dir, "log.jsonl"), os.path.join(args.output_dir, "loss.png"))
     except KeyboardInterrupt:
