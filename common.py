@@ -789,8 +789,9 @@ def pooled_features(backbone, dataset, args):
 
 
 def knn_top1(train_features, train_labels, val_features, val_labels, k=20, T=0.07):
-    """Weighted k-NN (Wu et al. 2018, sec. 3.4): each val image's k most cosine-similar train images vote for their
-    label with weight exp(similarity / T); top-1 = share of val images whose heaviest label is theirs."""
+    """Weighted k-NN ("Unsupervised Feature Learning via Non-Parametric Instance Discrimination", CVPR 2018,
+    arXiv:1805.01978, sec. 3.4; k 20 as DINO's eval_knn): each val image's k most cosine-similar train images vote
+    for their label with weight exp(similarity / T); top-1 = share of val images whose heaviest label is theirs."""
     classes, correct = int(max(train_labels.max(), val_labels.max())) + 1, 0
     for start in range(0, len(val_features), 1024):  # (1024, n_train) similarities at a time
         similarity, nearest = (val_features[start:start + 1024] @ train_features.t()).topk(
