@@ -328,7 +328,9 @@ def train_one_epoch(model, loader, optimizer, epoch, args, log):
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        terms = {name: float(value) for name, value in terms.items()}
+        values = torch.stack([torch.as_tensor(value, dtype=torch.float32, device=args.device).detach()
+                              for value in terms.values()])  # one device-to-host copy for all terms, not one each
+        terms = dict(zip(terms, values.tolist()))
         if warning := collapse_warning(terms, args):  # once, if an embedding's std_ stays near 0 (common.py)
             log({"epoch": epoch, "event": "warning", "warning": warning})
         for name, value in terms.items():  # a term a step leaves out (DUPR: no overlap) is not averaged
