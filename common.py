@@ -726,23 +726,22 @@ def add_knn_arguments(parser):
 
 class LabelledImages(torch.utils.data.Dataset):
     """The k-NN monitor's images: (3, size, size) uint8 centre crop (shorter side resized to size * 8/7, as ImageNet
-    evaluation), label. A folder: the class folder an image is in (0, 1, ... in `classes`, sorted names; a class
-    missing from `classes` gets len(classes): never predicted). The toy world: the largest object's category (1..8;
+    evaluation), label. A folder: its class folder's index in `classes` (sorted names -> 0, 1, ...; a class
+    missing from it gets len(classes): never predicted). The toy world: the largest object's category (1..8;
     0 without objects)."""
 
-    def __init__(self, source, indices, size, classes=None):
-        self.source, self.indices, self.classes = source, indices, classes
+    def __init__(self, source, size, classes=None):
+        self.source, self.classes = source, classes
         self.view = torchvision.transforms.Compose([torchvision.transforms.Resize(round(size * 8 / 7)),
                                                     torchvision.transforms.CenterCrop(size)])
 
     def __len__(self):
-        return len(self.indices)
+        return len(self.source)
 
-    def __getitem__(self, i):
-        image, target = self.source[self.indices[i]]
+    def __getitem__(self, index):
+        image, target = self.source[index]
         if "path" in target:
-            name = target["path"].split(os.sep)[0]
-            label = self.classes.index(name) if name in self.classes else len(self.classes)
+            label = self.classes.get(target["path"].split(os.sep)[0], len(self.classes))
         else:
             label = int(target["labels"][target["masks"].sum((1, 2)).argmax()]) if len(target["labels"]) else 0
         return torchvision.transforms.functional.pil_to_tensor(self.view(image)), label
@@ -752,7 +751,7 @@ class LabelledImages(torch.utils.data.Dataset):
 def knn_sets(data, train_images, val_images, size):
     """The fixed subsets (seed 0, whatever --seed) of --knn-data's train and val images, listed once per process."""
     if data == "synthetic":
-        return [LabelledImages(ToyWorld(n, size * 8 // 7, split), range(n), size)
+        return [LabelledImages(ToyWorld(n, size * 8 // 7, split), size)
                 for n, split in ((train_images, "train"), (val_images, "val"))]
     sets, classes = [], None
     for n, split in ((train_images, "train"), (val_images, "val")):
@@ -760,9 +759,10 @@ def knn_sets(data, train_images, val_images, size):
         if not all(os.sep in path for path in source.paths):
             raise SystemExit(f"error: --knn-data {data}: {split}/ has images outside class folders; labels are "
                              f"the folder names ({split}/CLASS/IMAGE, ImageNet's layout)")
-        classes = classes or sorted({path.split(os.sep)[0] for path in source.paths})
+        classes = classes or {name: i for i, name in  # train's class folders, for val too
+                              enumerate(sorted({path.split(os.sep)[0] for path in source.paths}))}
         order = torch.randperm(len(source), generator=torch.Generator().manual_seed(0))[:n].tolist()
-        sets.append(LabelledImages(source, order, size, classes))
+        sets.append(torch.utils.data.Subset(LabelledImages(source, size, classes), order))
     return sets
 
 
