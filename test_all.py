@@ -12,6 +12,7 @@ import json
 import os
 import pickle
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -36,6 +37,27 @@ from tools.toy_world import write_toy_world
 HERE = os.path.dirname(os.path.abspath(__file__))
 # A long check whose property a faster default test also guards, or a variant of one that runs by default.
 slow = pytest.mark.skipif(os.environ.get("SLOW") != "1", reason="a long check: SLOW=1 runs it (.ci/run does)")
+
+
+# A run's checkpoint.pth holds both resnet18 encoders, the heads, the queues and the SGD momentum (145 MB at
+# --tiny) and the suite starts about a hundred runs: kept, their folders would fill 15 GB per session (and
+# pytest keeps three sessions). A passed test's folder goes at once, a green session's base folder at its
+# end; a failed test's folder stays to be looked at. The suite's peak is then about 2.5 GB (module fixtures).
+@pytest.fixture
+def tmp_path(request, tmp_path_factory):
+    """pytest's tmp_path, removed when its test passed."""
+    failed = request.session.testsfailed
+    path = tmp_path_factory.mktemp(re.sub(r"\W", "_", request.node.name)[:30], numbered=True)
+    yield path
+    if request.session.testsfailed == failed:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _remove_outputs_of_a_green_session(request, tmp_path_factory):
+    yield
+    if request.session.testsfailed == 0:
+        shutil.rmtree(tmp_path_factory.getbasetemp(), ignore_errors=True)
 
 
 def read_log(path, events=False):
